@@ -93,6 +93,7 @@ BACKWARDS: tuple[str, ...] = ("ift", "phantom", "jfb", "broyden_reuse")
 
 #: Key of the run-config entry that carries the resolved config as YAML text.
 RUN_CONFIG_KEY = "fedeq-config"
+RUN_OVERRIDES_KEY = "overrides"
 #: Allowed deviation of the sum of tier shares from 1.
 SHARE_TOLERANCE = 1e-6
 
@@ -248,6 +249,8 @@ class DevicesConfig:
 
     tiers: list[TierConfig] = field(default_factory=_default_tiers)
     deadline_s: float | None = None
+    nfe_cost_s: float = 1e-4
+    """Simulated seconds one function evaluation costs per sample on a tier of speed 1.0."""
 
 
 @dataclass
@@ -627,18 +630,27 @@ def to_run_config(cfg: FedeqConfig) -> dict[str, str]:
 def config_from_run_config(run_config: Mapping[str, Any]) -> FedeqConfig:
     """Rebuild the config from a Flower run config.
 
-    ``fedeq-config`` holds YAML text (empty or absent: the embedded default); every other key must
-    be a dotted config key (``rounds``, ``train.lr``) and is applied as an override. String values
-    are parsed as YAML, so ``eval.budgets="[1, 2, 4]"`` works.
+    ``fedeq-config`` holds YAML text or the path of a YAML file (empty or absent: the embedded default);
+    ``overrides`` holds whitespace-separated ``key=value`` items (``flwr run . -c 'overrides="rounds=3"'``).
+    Every other key must be a dotted config key (``rounds``, ``train.lr``) and is applied as an override.
+    String values are parsed as YAML, so ``eval.budgets="[1, 2, 4]"`` works.
     """
     text = run_config.get(RUN_CONFIG_KEY, "")
     if not isinstance(text, str):
-        raise ConfigError(RUN_CONFIG_KEY, "expected YAML text", "a string", text)
+        raise ConfigError(RUN_CONFIG_KEY, "expected YAML text or a file path", "a string", text)
     cfg: Any = default_config()
     if text.strip():
-        cfg = _merge(cfg, _parse_document(text, RUN_CONFIG_KEY))
+        looks_like_path = "\n" not in text and text.strip().endswith((".yaml", ".yml"))
+        data = _read_file(text.strip()) if looks_like_path else _parse_document(text, RUN_CONFIG_KEY)
+        cfg = _merge(cfg, data)
+    overrides = run_config.get(RUN_OVERRIDES_KEY, "")
+    if not isinstance(overrides, str):
+        raise ConfigError(RUN_OVERRIDES_KEY, "expected key=value items", "a string", overrides)
+    for item in overrides.split():
+        key, value = _parse_override(item)
+        _set(cfg, key, value, "run_config")
     for key, raw in run_config.items():
-        if key == RUN_CONFIG_KEY:
+        if key in (RUN_CONFIG_KEY, RUN_OVERRIDES_KEY):
             continue
         value = _parse_yaml(raw, key, raw) if isinstance(raw, str) else raw
         _set(cfg, str(key), value, "run_config")
@@ -840,6 +852,7 @@ def validate(cfg: FedeqConfig) -> None:
         _bounded(f"eval.budgets[{i}]", b, 1, integer=True)
 
     _validate_tiers(c)
+    _bounded("devices.nfe_cost_s", c.devices.nfe_cost_s, 0.0, low_open=True)
     if c.devices.deadline_s is not None:
         _bounded("devices.deadline_s", c.devices.deadline_s, 0.0, low_open=True)
 

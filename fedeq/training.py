@@ -73,8 +73,9 @@ def iterate_batches(
 
 
 def _as_tensors(x: Any, y: Any, device: torch.device) -> tuple[Tensor, Tensor]:
-    xt = torch.as_tensor(np.asarray(x, dtype=np.float32) if not isinstance(x, Tensor) else x).to(device)
-    yt = torch.as_tensor(np.asarray(y, dtype=np.int64) if not isinstance(y, Tensor) else y).to(device)
+    xt = x if isinstance(x, Tensor) else torch.from_numpy(np.array(x, dtype=np.float32))
+    yt = y if isinstance(y, Tensor) else torch.from_numpy(np.array(y, dtype=np.int64))
+    xt, yt = xt.to(device), yt.to(device)
     return xt.float(), yt.long()
 
 

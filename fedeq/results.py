@@ -1,0 +1,129 @@
+"""Run outputs: the folder contract of ``fedeq simulate`` and its plots.
+
+``<output_dir>/<run_name>/`` holds ``config.yaml`` (resolved), ``rounds.csv`` (one row per round),
+``clients.csv`` (one row per client call), ``partitions.csv`` (partition sizes and tiers), ``summary.json``
+and PNG plots. Files are rewritten after every round, so an interrupted run keeps what it had.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+ROUND_COLUMNS = (
+    "round",
+    "wall_s",
+    "sim_time_s",
+    "cum_sim_time_s",
+    "test_acc",
+    "test_loss",
+    "bytes_up",
+    "bytes_down",
+    "clients_ok",
+    "clients_failed",
+    "clients_rejected",
+)
+CLIENT_COLUMNS = (
+    "round",
+    "node_id",
+    "partition",
+    "tier",
+    "num_examples",
+    "quality",
+    "weight",
+    "residual",
+    "nfe_fwd",
+    "nfe_bwd",
+    "train_loss",
+    "val_loss",
+    "compute_s",
+    "sim_time_s",
+    "status",
+    "reason",
+)
+
+
+def run_dir(output_dir: str | Path, run_name: str | None) -> Path:
+    """``output_dir/run_name``; without a name, a timestamped one that does not exist yet."""
+    base = Path(output_dir)
+    if run_name:
+        return base / run_name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, k = base / stamp, 1
+    while path.exists():
+        path, k = base / f"{stamp}-{k}", k + 1
+    return path
+
+
+class RunRecorder:
+    """Collects round and client rows and writes the output folder."""
+
+    def __init__(self, out_dir: str | Path, config_yaml: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(config_yaml)
+        self.rounds: list[dict[str, Any]] = []
+        self.clients: list[dict[str, Any]] = []
+        self.curve: list[dict[str, Any]] = []
+        self.extra: dict[str, Any] = {}
+
+    def add_round(self, row: Mapping[str, Any], clients: Sequence[Mapping[str, Any]] = ()) -> None:
+        self.rounds.append(dict(row))
+        self.clients.extend(dict(c) for c in clients)
+
+    def save_partitions(self, sizes: Sequence[int], tiers: Sequence[str]) -> None:
+        pd.DataFrame(
+            {"partition": range(len(sizes)), "num_examples": list(sizes), "tier": list(tiers)}
+        ).to_csv(self.out_dir / "partitions.csv", index=False)
+
+    def rounds_frame(self) -> pd.DataFrame:
+        df = pd.DataFrame(self.rounds)
+        cols = [c for c in ROUND_COLUMNS if c in df.columns] + [
+            c for c in df.columns if c not in ROUND_COLUMNS
+        ]
+        return df[cols] if len(df) else pd.DataFrame(columns=list(ROUND_COLUMNS))
+
+    def clients_frame(self) -> pd.DataFrame:
+        df = pd.DataFrame(self.clients, columns=list(CLIENT_COLUMNS))
+        return df
+
+    def write(self, summary: Mapping[str, Any] | None = None, plots: bool = True) -> None:
+        """Write CSVs, ``summary.json`` and (optionally) plots."""
+        rounds = self.rounds_frame()
+        rounds.to_csv(self.out_dir / "rounds.csv", index=False)
+        self.clients_frame().to_csv(self.out_dir / "clients.csv", index=False)
+        if self.curve:
+            pd.DataFrame(self.curve).to_csv(self.out_dir / "budget_curve.csv", index=False)
+        data = {**self.extra, **(summary or {})}
+        if len(rounds):
+            acc = rounds["test_acc"].astype(float)
+            data.update(
+                rounds_completed=int(rounds["round"].max()),
+                final_test_acc=_num(acc.iloc[-1]),
+                best_test_acc=_num(acc.max()),
+                final_test_loss=_num(rounds["test_loss"].iloc[-1]),
+                total_sim_time_s=_num(rounds["sim_time_s"].fillna(0).sum()),
+                total_bytes_up=int(rounds["bytes_up"].sum()),
+                total_bytes_down=int(rounds["bytes_down"].sum()),
+                clients_ok=int(rounds["clients_ok"].sum()),
+                clients_failed=int(rounds["clients_failed"].sum()),
+                clients_rejected=int(rounds["clients_rejected"].sum()),
+            )
+        if self.curve:
+            data["budget_curve"] = {str(r["budget"]): _num(r["accuracy"]) for r in self.curve}
+        (self.out_dir / "summary.json").write_text(json.dumps(data, indent=2, default=str))
+        if plots and len(rounds):
+            from fedeq.plots import plot_run
+
+            plot_run(self.out_dir, rounds, self.curve)
+
+
+def _num(v: Any) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None

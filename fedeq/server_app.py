@@ -1,0 +1,224 @@
+"""Flower ServerApp: builds the global DEQ, the strategy and the central evaluation, and records the run.
+
+The same :func:`run_server` drives every engine (Flower's simulation runtime, fedeq's Ray engine, a real
+SuperLink): it only talks to a ``flwr.serverapp.Grid``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from rich.console import Console
+
+from clients.client_app import tier_deq_settings
+from fedeq.clock import client_sim_time
+from fedeq.config import RUN_CONFIG_KEY, assign_tiers, config_from_run_config, to_yaml
+from fedeq.data import load_dataset, partition_sizes
+from fedeq.models import build_model, num_parameters
+from fedeq.results import RunRecorder, run_dir
+from fedeq.training import accuracy_vs_budget, evaluate, resolve_device
+from strategies.registry import build_strategy
+
+console = Console(stderr=True)
+
+
+def reference_tier(cfg: Any) -> Any:
+    """The tier with the largest forward budget: the global model's headline accuracy uses its settings."""
+    return max(cfg.devices.tiers, key=lambda t: t.f_max_iter)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _RoundBook:
+    """Turns the strategy's per-reply log into rows of ``rounds.csv`` and ``clients.csv``."""
+
+    def __init__(self, cfg: Any, strategy: Any, model_bytes: int, recorder: RunRecorder) -> None:
+        self.cfg = cfg
+        self.strategy = strategy
+        self.model_bytes = model_bytes
+        self.recorder = recorder
+        self.tier_names = [t.name for t in cfg.devices.tiers]
+        self.cum_sim = 0.0
+        self.t_last = time.perf_counter()
+
+    def client_rows(self, server_round: int) -> list[dict[str, Any]]:
+        log = [e for e in getattr(self.strategy, "client_log", []) if e["round"] == server_round]
+        quality = getattr(self.strategy, "last_quality", {})
+        weights = getattr(self.strategy, "last_weights", {})
+        rows = []
+        for e in log:
+            tier_idx = e.get("tier")
+            tier = self.cfg.devices.tiers[int(tier_idx)] if tier_idx is not None else None
+            sim = None
+            if tier is not None and e["status"] == "ok":
+                sim = client_sim_time(
+                    tier,
+                    nfe_fwd=float(e.get("nfe-fwd", 0.0)),
+                    nfe_bwd=float(e.get("nfe-bwd", 0.0)),
+                    samples=float(e.get("samples", e.get("num-examples", 0))),
+                    bytes_down=self.model_bytes,
+                    bytes_up=self.model_bytes,
+                    nfe_cost_s=self.cfg.devices.nfe_cost_s,
+                ).total_s
+            node = int(e["node_id"])
+            ok = e["status"] == "ok"
+            rows.append(
+                {
+                    "round": server_round,
+                    "node_id": node,
+                    "partition": e.get("partition-id"),
+                    "tier": tier.name if tier is not None else None,
+                    "num_examples": e.get("num-examples"),
+                    "quality": quality.get(node) if ok else None,
+                    "weight": weights.get(node) if ok else 0.0,
+                    "residual": e.get("fp-residual"),
+                    "nfe_fwd": e.get("nfe-fwd"),
+                    "nfe_bwd": e.get("nfe-bwd"),
+                    "train_loss": e.get("train-loss"),
+                    "val_loss": e.get("val-loss"),
+                    "compute_s": e.get("compute-s"),
+                    "sim_time_s": sim,
+                    "status": e["status"],
+                    "reason": e.get("reason") or "",
+                }
+            )
+        return rows
+
+    def close_round(self, server_round: int, evals: dict[str, float]) -> dict[str, Any]:
+        clients = self.client_rows(server_round)
+        counts = getattr(self.strategy, "round_counts", {}).get(server_round, {})
+        sims = [c["sim_time_s"] for c in clients if c["sim_time_s"] is not None]
+        sim = max(sims) if sims else 0.0
+        deadline = self.cfg.devices.deadline_s
+        if deadline is not None:
+            sim = min(sim, deadline)
+        self.cum_sim += sim
+        now = time.perf_counter()
+        n_sent = len(clients)
+        n_ok = int(counts.get("ok", 0))
+        row = {
+            "round": server_round,
+            "wall_s": now - self.t_last,
+            "sim_time_s": sim,
+            "cum_sim_time_s": self.cum_sim,
+            **evals,
+            "bytes_up": n_ok * self.model_bytes,
+            "bytes_down": n_sent * self.model_bytes,
+            "clients_ok": n_ok,
+            "clients_failed": int(counts.get("failed", 0)),
+            "clients_rejected": int(counts.get("rejected", 0)),
+        }
+        self.t_last = now
+        self.recorder.add_round(row, clients)
+        return row
+
+
+def run_server(grid: Grid, cfg: Any, out_dir: Path | None = None, quiet: bool = False) -> Path:
+    """Run the whole federated training for ``cfg`` over ``grid``; return the output folder."""
+    seed_everything(cfg.seed)
+    out = Path(out_dir) if out_dir is not None else run_dir(cfg.output_dir, cfg.run_name)
+    config_yaml = to_yaml(cfg)
+    recorder = RunRecorder(out, config_yaml)
+    tiers = list(cfg.devices.tiers)
+    assignment = assign_tiers(cfg)
+    recorder.save_partitions(
+        partition_sizes(cfg.data, cfg.num_clients, cfg.seed), [tiers[i].name for i in assignment]
+    )
+
+    splits = load_dataset(cfg.data.name, cfg.data.path, cfg.data.test_path, cfg.data.test_fraction, cfg.seed)
+    device = resolve_device(cfg.train.device)
+    model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.model)
+    arrays = ArrayRecord(model.state_dict())
+    model_bytes = arrays.count_bytes()
+    recorder.extra.update(
+        model=cfg.model.name,
+        num_parameters=num_parameters(model),
+        model_bytes=model_bytes,
+        strategy=cfg.strategy.name,
+    )
+
+    n = cfg.num_clients
+    strategy = build_strategy(
+        cfg.strategy.name,
+        dict(cfg.strategy.kwargs),
+        fraction_train=cfg.clients_per_round / n,
+        min_train_nodes=cfg.clients_per_round,
+        min_available_nodes=n,
+        fraction_evaluate=cfg.strategy.fraction_evaluate,
+        min_evaluate_nodes=1 if cfg.strategy.fraction_evaluate > 0 else 0,
+    )
+    book = _RoundBook(cfg, strategy, model_bytes, recorder)
+    ref = reference_tier(cfg)
+    budgets_by_tier = {t.name: tier_deq_settings(cfg, t) for t in tiers}
+
+    def evaluate_global(server_round: int, global_arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(global_arrays.to_torch_state_dict())
+        main = evaluate(model, splits.x_test, splits.y_test, device=device, **tier_deq_settings(cfg, ref))
+        evals = {"test_acc": main.accuracy, "test_loss": main.loss, "test_residual": main.fp_residual}
+        for name, settings in budgets_by_tier.items():
+            evals[f"test_acc@{name}"] = evaluate(
+                model, splits.x_test, splits.y_test, device=device, **settings
+            ).accuracy
+        if server_round == 0:
+            book.t_last = time.perf_counter()
+            recorder.extra["initial_test_acc"] = main.accuracy
+            return MetricRecord(evals)
+        row = book.close_round(server_round, evals)
+        if server_round == cfg.rounds:
+            recorder.curve = accuracy_vs_budget(
+                model,
+                splits.x_test,
+                splits.y_test,
+                cfg.eval.budgets,
+                device=device,
+                solver=ref.solver,
+                tol=cfg.model.tol,
+                stop_mode=cfg.model.stop_mode,
+            )
+        recorder.write(plots=server_round == cfg.rounds)
+        if not quiet:
+            console.print(
+                f"[bold]round {server_round:>3}/{cfg.rounds}[/] acc {main.accuracy:.4f} loss {main.loss:.4f} "
+                f"ok {row['clients_ok']} failed {row['clients_failed']} rejected {row['clients_rejected']} "
+                f"sim {row['sim_time_s']:.2f}s wall {row['wall_s']:.2f}s",
+                soft_wrap=True,
+            )
+        return MetricRecord(evals)
+
+    t0 = time.perf_counter()
+    strategy.start(
+        grid=grid,
+        initial_arrays=arrays,
+        num_rounds=cfg.rounds,
+        train_config=ConfigRecord({RUN_CONFIG_KEY: config_yaml}),
+        evaluate_config=ConfigRecord({RUN_CONFIG_KEY: config_yaml}),
+        evaluate_fn=evaluate_global,
+    )
+    recorder.write(summary={"wall_s": time.perf_counter() - t0, "output_dir": str(out)})
+    return out
+
+
+def make_server_app(cfg: Any | None = None, out_dir: Path | None = None, quiet: bool = False) -> ServerApp:
+    """A ServerApp for ``cfg``; without one, the config comes from the run config (``flwr run``)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
+        run_server(grid, run_cfg, out_dir=out_dir, quiet=quiet)
+
+    return app
+
+
+app = make_server_app()
