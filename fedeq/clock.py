@@ -4,7 +4,8 @@ For a client of tier ``t`` that processed ``S`` samples with ``F`` forward evalu
 vector-Jacobian products per sample (means over its steps)::
 
     compute = (F + K) · S · nfe_cost_s / t.speed
-    comm    = 8·bytes_down / (t.bandwidth_down_mbps·10⁶) + 8·bytes_up / (t.bandwidth_up_mbps·10⁶) + 2·t.latency_s
+    comm    = 8·bytes_down / (t.bandwidth_down_mbps·10⁶)
+            + 8·bytes_up / (t.bandwidth_up_mbps·10⁶) + 2·t.latency_s
 
 and the call takes ``compute + comm`` simulated seconds. A round lasts as long as its slowest accepted client
 (or the deadline, when one is set).
