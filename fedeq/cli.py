@@ -49,11 +49,28 @@ def split_config_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
     return path, overrides
 
 
+def check_runnable(cfg: object) -> None:
+    """Checks that need the registries (strategy name and kwargs), still before any work."""
+    from pathlib import Path
+
+    from fedeq.server_app import strategy_for
+
+    data = cfg.data  # type: ignore[attr-defined]
+    for key in ("path", "test_path"):
+        value = getattr(data, key)
+        if data.name == "npz" and value is not None and not Path(value).is_file():
+            raise ConfigError(
+                f"data.{key}", "file not found", "an existing .npz file with arrays x and y", value
+            )
+    strategy_for(cfg)
+
+
 def cmd_simulate(ns: argparse.Namespace) -> int:
     try:
         path, overrides = split_config_args(ns.args)
         cfg = load_config(path, overrides)
-    except ConfigError as err:
+        check_runnable(cfg)
+    except (ConfigError, ValueError) as err:
         print(f"fedeq: error: {err}", file=sys.stderr)
         return 2
     from fedeq.simulate import simulate

@@ -153,6 +153,11 @@ class StrategyConfig:
     name: str = "quality"
     kwargs: dict[str, Any] = field(default_factory=dict)
     fraction_evaluate: float = 0.0
+    min_available_nodes: int | None = None
+    """Connected nodes a round waits for before sampling (null: ``num_clients``); lower it on a real
+    deployment so rounds go on after a device dropped out."""
+    round_timeout_s: float | None = None
+    """Seconds the server waits for a round's replies (null: Flower's default of 3600)."""
 
 
 @dataclass
@@ -844,6 +849,10 @@ def validate(cfg: FedeqConfig) -> None:
             s.name,
         )
     _bounded("strategy.fraction_evaluate", s.fraction_evaluate, 0.0, 1.0)
+    if s.min_available_nodes is not None:
+        _bounded("strategy.min_available_nodes", s.min_available_nodes, 1, c.num_clients, integer=True)
+    if s.round_timeout_s is not None:
+        _bounded("strategy.round_timeout_s", s.round_timeout_s, 0.0, low_open=True)
 
     budgets = c.eval.budgets
     if len(budgets) == 0:

@@ -34,6 +34,24 @@ def reference_tier(cfg: Any) -> Any:
     return max(cfg.devices.tiers, key=lambda t: t.f_max_iter)
 
 
+def strategy_for(cfg: Any) -> Any:
+    """The configured strategy (with the reply guard), sampling ``clients_per_round`` of ``num_clients``.
+
+    Raises ``ValueError`` naming ``strategy.name`` or ``strategy.kwargs.<key>`` when they are invalid.
+    """
+    n = cfg.num_clients
+    min_nodes = cfg.strategy.min_available_nodes or n
+    return build_strategy(
+        cfg.strategy.name,
+        dict(cfg.strategy.kwargs),
+        fraction_train=cfg.clients_per_round / n,
+        min_train_nodes=min(cfg.clients_per_round, min_nodes),
+        min_available_nodes=min_nodes,
+        fraction_evaluate=cfg.strategy.fraction_evaluate,
+        min_evaluate_nodes=1 if cfg.strategy.fraction_evaluate > 0 else 0,
+    )
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -148,16 +166,7 @@ def run_server(grid: Grid, cfg: Any, out_dir: Path | None = None, quiet: bool = 
         strategy=cfg.strategy.name,
     )
 
-    n = cfg.num_clients
-    strategy = build_strategy(
-        cfg.strategy.name,
-        dict(cfg.strategy.kwargs),
-        fraction_train=cfg.clients_per_round / n,
-        min_train_nodes=cfg.clients_per_round,
-        min_available_nodes=n,
-        fraction_evaluate=cfg.strategy.fraction_evaluate,
-        min_evaluate_nodes=1 if cfg.strategy.fraction_evaluate > 0 else 0,
-    )
+    strategy = strategy_for(cfg)
     book = _RoundBook(cfg, strategy, model_bytes, recorder)
     ref = reference_tier(cfg)
     budgets_by_tier = {t.name: tier_deq_settings(cfg, t) for t in tiers}
@@ -204,6 +213,7 @@ def run_server(grid: Grid, cfg: Any, out_dir: Path | None = None, quiet: bool = 
         train_config=ConfigRecord({RUN_CONFIG_KEY: config_yaml}),
         evaluate_config=ConfigRecord({RUN_CONFIG_KEY: config_yaml}),
         evaluate_fn=evaluate_global,
+        **({"timeout": float(cfg.strategy.round_timeout_s)} if cfg.strategy.round_timeout_s else {}),
     )
     recorder.write(summary={"wall_s": time.perf_counter() - t0, "output_dir": str(out)})
     return out
