@@ -16,13 +16,18 @@ import zlib
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from torch import nn
 
+from fedeq.adversarial import adversarial_from_config
+from fedeq.clock import client_sim_time
 from fedeq.config import RUN_CONFIG_KEY, assign_tiers, config_from_run_config, config_from_yaml
 from fedeq.data import load_client_data, load_dataset
+from fedeq.faults import before_training, draw_fault, poison
 from fedeq.models import build_model
 from fedeq.training import evaluate, resolve_device, train_local
 
@@ -117,18 +122,45 @@ def _seed(cfg: Any, server_round: int, partition_id: int, stream: int) -> int:
     return zlib.crc32(f"{cfg.seed}/{server_round}/{partition_id}/{stream}".encode())
 
 
+def is_online(cfg: Any, tier: Any, server_round: int, partition_id: int) -> bool:
+    """Whether a sampled device answers this round: a seeded draw against its tier's availability."""
+    if tier.availability >= 1.0:
+        return True
+    return bool(np.random.default_rng(_seed(cfg, server_round, partition_id, 1)).random() < tier.availability)
+
+
+def partial_work_budget(cfg: Any, tier: Any, message: Message) -> float | None:
+    """With ``deadline_policy=partial``: the simulated compute seconds left before the deadline once the
+    model's download and upload are paid for; ``None`` when training may run to the end."""
+    deadline = cfg.devices.deadline_s
+    if deadline is None or cfg.devices.deadline_policy != "partial":
+        return None
+    nbytes = message.content.array_records["arrays"].count_bytes()
+    comm = client_sim_time(
+        tier, nfe_fwd=0, nfe_bwd=0, samples=0, bytes_down=nbytes, bytes_up=nbytes, nfe_cost_s=0.0
+    ).comm_s
+    return max(0.0, float(deadline) - comm)
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    """Train the received global model on the local partition under this device's budgets."""
+    """Train the received global model on the local partition under this device's budgets (adversarially,
+    through the tier's DEQ settings, when ``train.adversarial`` or ``train.intermediate_states`` is set)."""
     cfg, pid, num_parts, tier_idx, tier = _context(message, context)
     config = message.content.config_records.get("config", {})
     server_round = int(config.get("server-round", 0))
+    if not is_online(cfg, tier, server_round, pid):
+        reason = f"offline: partition {pid} ({tier.name}, availability {tier.availability:g}) not reachable"
+        return Message(Error(ErrorCode.NODE_UNAVAILABLE, reason), reply_to=message)
+    fault = draw_fault(cfg.faults, _seed(cfg, server_round, pid, 2))
+    before_training(fault, cfg.faults)
     data = load_client_data(cfg.data, pid, num_parts, cfg.seed)
     device = resolve_device(cfg.train.device)
     model = model_for(cfg)
     _load_arrays(model, message)
     deq = tier_deq_settings(cfg, tier)
     mu = float(config.get("proximal-mu", cfg.train.proximal_mu))
+    sim_budget = partial_work_budget(cfg, tier, message)
     stats = train_local(
         model,
         data.x_train,
@@ -145,6 +177,9 @@ def train(message: Message, context: Context) -> Message:
         proximal_mu=mu,
         seed=_seed(cfg, server_round, pid, 0),
         device=device,
+        adversarial=adversarial_from_config(cfg.train),
+        sim_budget_s=sim_budget,
+        sim_cost_s=cfg.devices.nfe_cost_s / tier.speed,
     )
     val = evaluate(model, data.x_val, data.y_val, device=device, **deq)
     model.to("cpu")
@@ -162,7 +197,10 @@ def train(message: Message, context: Context) -> Message:
         "samples": stats.samples_processed,
         "partition-id": pid,
     }
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
+    state = model.state_dict()
+    if fault == "nan":
+        poison(state)
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=message)
 
 

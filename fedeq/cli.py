@@ -30,6 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="an optional YAML config followed by dotted overrides such as rounds=5",
     )
     sim.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    sim.add_argument(
+        "--resume",
+        metavar="OUTPUT_DIR",
+        help="continue an interrupted run from its folder (its config.yaml and checkpoint.pkl)",
+    )
+    # fedeq deploy ...: real Flower SuperLink / SuperNodes (fedeq/deploy/cli.py)
+    from fedeq.deploy.cli import add_deploy_parser
+
+    add_deploy_parser(sub)
     return parser
 
 
@@ -66,24 +75,52 @@ def check_runnable(cfg: object) -> None:
 
 
 def cmd_simulate(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    resume = Path(ns.resume) if ns.resume else None
     try:
-        path, overrides = split_config_args(ns.args)
-        cfg = load_config(path, overrides)
+        if resume is not None:
+            if ns.args:
+                raise ConfigError(
+                    "--resume", "takes no config or overrides", "--resume OUTPUT_DIR alone", ns.args
+                )
+            if not (resume / "checkpoint.pkl").is_file() or not (resume / "config.yaml").is_file():
+                raise ConfigError(
+                    "--resume", "no checkpoint.pkl and config.yaml", "a fedeq run folder", str(resume)
+                )
+            cfg = load_config(resume / "config.yaml")
+            if cfg.engine != "ray":
+                raise ConfigError(
+                    "--resume", "only runs on engine=ray can be resumed", "engine=ray", cfg.engine
+                )
+        else:
+            path, overrides = split_config_args(ns.args)
+            cfg = load_config(path, overrides)
         check_runnable(cfg)
     except (ConfigError, ValueError) as err:
         print(f"fedeq: error: {err}", file=sys.stderr)
         return 2
     from fedeq.simulate import simulate
 
-    out = simulate(cfg, quiet=ns.quiet)
+    out = simulate(cfg, quiet=ns.quiet, resume_dir=resume)
     print(f"results written to {out}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    if extra:  # overrides may follow options: `fedeq simulate cfg.yaml --quiet rounds=5`
+        flags = [e for e in extra if e.startswith("-")]
+        if ns.command != "simulate" or flags:
+            parser.error(f"unrecognized arguments: {' '.join(flags or extra)}")
+        ns.args = [*ns.args, *extra]
     if ns.command == "simulate":
         return cmd_simulate(ns)
+    if ns.command == "deploy":
+        from fedeq.deploy.cli import cmd_deploy
+
+        return cmd_deploy(ns)
     return 2
 
 

@@ -28,6 +28,8 @@ ROUND_COLUMNS = (
     "clients_ok",
     "clients_failed",
     "clients_rejected",
+    "clients_offline",
+    "clients_dropped",
 )
 CLIENT_COLUMNS = (
     "round",
@@ -72,6 +74,16 @@ class RunRecorder:
         self.clients: list[dict[str, Any]] = []
         self.curve: list[dict[str, Any]] = []
         self.extra: dict[str, Any] = {}
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the recorder."""
+        return {"rounds": self.rounds, "clients": self.clients, "curve": self.curve, "extra": self.extra}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self.rounds = list(state["rounds"])
+        self.clients = list(state["clients"])
+        self.curve = list(state["curve"])
+        self.extra = {**state["extra"], **{k: v for k, v in self.extra.items() if k not in state["extra"]}}
 
     def add_round(self, row: Mapping[str, Any], clients: Sequence[Mapping[str, Any]] = ()) -> None:
         self.rounds.append(dict(row))

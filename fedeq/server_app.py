@@ -8,21 +8,32 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from clients.client_app import tier_deq_settings
+from fedeq.checkpoint import (
+    arrays_to_numpy,
+    load_checkpoint,
+    restore_strategy,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    strategy_state,
+)
 from fedeq.clock import client_sim_time
 from fedeq.config import RUN_CONFIG_KEY, assign_tiers, config_from_run_config, to_yaml
 from fedeq.data import load_dataset, partition_sizes
 from fedeq.models import build_model, num_parameters
 from fedeq.results import RunRecorder, run_dir
+from fedeq.rounds import run_rounds
 from fedeq.training import accuracy_vs_budget, evaluate, resolve_device
 from strategies.registry import build_strategy
 
@@ -61,7 +72,15 @@ def seed_everything(seed: int) -> None:
 class _RoundBook:
     """Turns the strategy's per-reply log into rows of ``rounds.csv`` and ``clients.csv``."""
 
-    def __init__(self, cfg: Any, strategy: Any, model_bytes: int, recorder: RunRecorder) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        strategy: Any,
+        model_bytes: int,
+        recorder: RunRecorder,
+        node_config: Callable[[int], Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.node_config = node_config
         self.cfg = cfg
         self.strategy = strategy
         self.model_bytes = model_bytes
@@ -77,9 +96,16 @@ class _RoundBook:
         rows = []
         for e in log:
             tier_idx = e.get("tier")
+            partition = e.get("partition-id")
+            if tier_idx is None and self.node_config is not None:  # failed calls carry no metrics
+                info = self.node_config(int(e["node_id"]))
+                partition = info.get("partition-id")
+                tier_idx = (
+                    self.tier_names.index(info["tier"]) if info.get("tier") in self.tier_names else None
+                )
             tier = self.cfg.devices.tiers[int(tier_idx)] if tier_idx is not None else None
             sim = None
-            if tier is not None and e["status"] == "ok":
+            if tier is not None and e["status"] in ("ok", "dropped"):
                 sim = client_sim_time(
                     tier,
                     nfe_fwd=float(e.get("nfe-fwd", 0.0)),
@@ -95,7 +121,7 @@ class _RoundBook:
                 {
                     "round": server_round,
                     "node_id": node,
-                    "partition": e.get("partition-id"),
+                    "partition": partition,
                     "tier": tier.name if tier is not None else None,
                     "num_examples": e.get("num-examples"),
                     "quality": quality.get(node) if ok else None,
@@ -116,14 +142,14 @@ class _RoundBook:
     def close_round(self, server_round: int, evals: dict[str, float]) -> dict[str, Any]:
         clients = self.client_rows(server_round)
         counts = getattr(self.strategy, "round_counts", {}).get(server_round, {})
-        sims = [c["sim_time_s"] for c in clients if c["sim_time_s"] is not None]
+        sims = [c["sim_time_s"] for c in clients if c["status"] == "ok" and c["sim_time_s"] is not None]
         sim = max(sims) if sims else 0.0
         deadline = self.cfg.devices.deadline_s
-        if deadline is not None:
-            sim = min(sim, deadline)
+        if deadline is not None and (counts.get("dropped", 0) or sim > deadline):
+            sim = deadline  # the server closes the round at the deadline
         self.cum_sim += sim
         now = time.perf_counter()
-        n_sent = len(clients)
+        n_sent = len(clients) - int(counts.get("offline", 0))
         n_ok = int(counts.get("ok", 0))
         row = {
             "round": server_round,
@@ -136,23 +162,54 @@ class _RoundBook:
             "clients_ok": n_ok,
             "clients_failed": int(counts.get("failed", 0)),
             "clients_rejected": int(counts.get("rejected", 0)),
+            "clients_offline": int(counts.get("offline", 0)),
+            "clients_dropped": int(counts.get("dropped", 0)),
         }
         self.t_last = now
         self.recorder.add_round(row, clients)
         return row
 
 
-def run_server(grid: Grid, cfg: Any, out_dir: Path | None = None, quiet: bool = False) -> Path:
-    """Run the whole federated training for ``cfg`` over ``grid``; return the output folder."""
+def deadline_check(cfg: Any, model_bytes: int) -> Callable[[Mapping[str, Any]], tuple[str, str] | None]:
+    """Reply check for ``devices.deadline_policy=drop``: a reply whose simulated time is past the deadline
+    is dropped (it would have arrived after the server closed the round)."""
+    tiers = list(cfg.devices.tiers)
+    deadline = float(cfg.devices.deadline_s)
+
+    def check(metrics: Mapping[str, Any]) -> tuple[str, str] | None:
+        tier = tiers[int(metrics.get("tier", 0))]
+        t = client_sim_time(
+            tier,
+            nfe_fwd=float(metrics.get("nfe-fwd", 0.0)),
+            nfe_bwd=float(metrics.get("nfe-bwd", 0.0)),
+            samples=float(metrics.get("samples", metrics.get("num-examples", 0))),
+            bytes_down=model_bytes,
+            bytes_up=model_bytes,
+            nfe_cost_s=cfg.devices.nfe_cost_s,
+        ).total_s
+        if t > deadline:
+            return "dropped", f"deadline: simulated time {t:.3f}s > deadline_s={deadline:g}"
+        return None
+
+    return check
+
+
+def run_server(
+    grid: Grid, cfg: Any, out_dir: Path | None = None, quiet: bool = False, resume: bool = False
+) -> Path:
+    """Run the whole federated training for ``cfg`` over ``grid``; return the output folder.
+
+    After every round the output files and ``checkpoint.pkl`` are rewritten; with ``resume`` the run
+    continues after the last checkpointed round of ``out_dir`` with every state restored.
+    """
     seed_everything(cfg.seed)
     out = Path(out_dir) if out_dir is not None else run_dir(cfg.output_dir, cfg.run_name)
     config_yaml = to_yaml(cfg)
     recorder = RunRecorder(out, config_yaml)
     tiers = list(cfg.devices.tiers)
     assignment = assign_tiers(cfg)
-    recorder.save_partitions(
-        partition_sizes(cfg.data, cfg.num_clients, cfg.seed), [tiers[i].name for i in assignment]
-    )
+    sizes = partition_sizes(cfg.data, cfg.num_clients, cfg.seed)
+    recorder.save_partitions(sizes, [tiers[i].name for i in assignment])
 
     splits = load_dataset(cfg.data.name, cfg.data.path, cfg.data.test_path, cfg.data.test_fraction, cfg.seed)
     device = resolve_device(cfg.train.device)
@@ -164,21 +221,35 @@ def run_server(grid: Grid, cfg: Any, out_dir: Path | None = None, quiet: bool = 
         num_parameters=num_parameters(model),
         model_bytes=model_bytes,
         strategy=cfg.strategy.name,
+        engine=cfg.engine,
     )
 
     strategy = strategy_for(cfg)
-    book = _RoundBook(cfg, strategy, model_bytes, recorder)
+    if cfg.devices.deadline_s is not None and cfg.devices.deadline_policy == "drop":
+        strategy.reply_checks.append(deadline_check(cfg, model_bytes))
+    book = _RoundBook(cfg, strategy, model_bytes, recorder, getattr(grid, "node_config", None))
     ref = reference_tier(cfg)
     budgets_by_tier = {t.name: tier_deq_settings(cfg, t) for t in tiers}
+
+    start_round = 1
+    if resume:
+        state = load_checkpoint(out)
+        start_round = int(state["round"]) + 1
+        arrays = ArrayRecord({k: Array(v) for k, v in state["arrays"].items()})
+        restore_strategy(strategy, state["strategy"])
+        recorder.restore(state["recorder"])
+        book.cum_sim = state["cum_sim"]
+        set_rng_state(state["rng"])
+        if not quiet:
+            console.print(f"resuming {out} after round {state['round']}", soft_wrap=True)
 
     def evaluate_global(server_round: int, global_arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(global_arrays.to_torch_state_dict())
         main = evaluate(model, splits.x_test, splits.y_test, device=device, **tier_deq_settings(cfg, ref))
         evals = {"test_acc": main.accuracy, "test_loss": main.loss, "test_residual": main.fp_residual}
         for name, settings in budgets_by_tier.items():
-            evals[f"test_acc@{name}"] = evaluate(
-                model, splits.x_test, splits.y_test, device=device, **settings
-            ).accuracy
+            st = evaluate(model, splits.x_test, splits.y_test, device=device, **settings)
+            evals[f"test_acc@{name}"] = st.accuracy
         if server_round == 0:
             book.t_last = time.perf_counter()
             recorder.extra["initial_test_acc"] = main.accuracy
@@ -197,24 +268,45 @@ def run_server(grid: Grid, cfg: Any, out_dir: Path | None = None, quiet: bool = 
             )
         recorder.write(plots=server_round == cfg.rounds)
         if not quiet:
+            extra = "".join(
+                f" {k[8:]} {row[k]}" for k in ("clients_offline", "clients_dropped") if row.get(k)
+            )
             console.print(
                 f"[bold]round {server_round:>3}/{cfg.rounds}[/] acc {main.accuracy:.4f} loss {main.loss:.4f} "
-                f"ok {row['clients_ok']} failed {row['clients_failed']} rejected {row['clients_rejected']} "
+                f"ok {row['clients_ok']} failed {row['clients_failed']} "
+                f"rejected {row['clients_rejected']}{extra} "
                 f"sim {row['sim_time_s']:.2f}s wall {row['wall_s']:.2f}s",
                 soft_wrap=True,
             )
         return MetricRecord(evals)
 
+    def checkpoint(server_round: int, global_arrays: ArrayRecord) -> None:
+        save_checkpoint(
+            out,
+            {
+                "round": server_round,
+                "arrays": arrays_to_numpy(global_arrays),
+                "strategy": strategy_state(strategy),
+                "recorder": recorder.state(),
+                "cum_sim": book.cum_sim,
+                "rng": rng_state(),
+            },
+        )
+
     t0 = time.perf_counter()
-    strategy.start(
-        grid=grid,
-        initial_arrays=arrays,
-        num_rounds=cfg.rounds,
+    result = run_rounds(
+        strategy,
+        grid,
+        arrays,
+        cfg.rounds,
+        start_round=start_round,
         train_config=ConfigRecord({RUN_CONFIG_KEY: config_yaml}),
         evaluate_config=ConfigRecord({RUN_CONFIG_KEY: config_yaml}),
         evaluate_fn=evaluate_global,
-        **({"timeout": float(cfg.strategy.round_timeout_s)} if cfg.strategy.round_timeout_s else {}),
+        on_round_end=checkpoint,
+        timeout=cfg.strategy.round_timeout_s or 3600.0,
     )
+    torch.save(result.arrays.to_torch_state_dict(), out / "global_model.pt")
     recorder.write(summary={"wall_s": time.perf_counter() - t0, "output_dir": str(out)})
     return out
 

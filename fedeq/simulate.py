@@ -27,8 +27,6 @@ def run_flower_simulation(cfg: Any, out: Path, quiet: bool = False) -> None:
         "client_resources": {"num_cpus": float(tier0.num_cpus), "num_gpus": float(tier0.num_gpus)},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
     }
-    if not quiet:
-        quiet_flower_logs()
     run_simulation(
         server_app=make_server_app(cfg, out_dir=out, quiet=quiet),
         client_app=client_app,
@@ -37,13 +35,22 @@ def run_flower_simulation(cfg: Any, out: Path, quiet: bool = False) -> None:
     )
 
 
-def simulate(cfg: Any, quiet: bool = False) -> Path:
-    """Run ``cfg`` on its engine and return the output folder."""
-    out = run_dir(cfg.output_dir, cfg.run_name)
-    if cfg.engine == "flower":
-        run_flower_simulation(cfg, out, quiet=quiet)
+def simulate(cfg: Any, quiet: bool = False, resume_dir: Path | None = None) -> Path:
+    """Run ``cfg`` on its engine and return the output folder (``resume_dir`` continues a run there)."""
+    out = Path(resume_dir) if resume_dir is not None else run_dir(cfg.output_dir, cfg.run_name)
+    if not quiet:
+        quiet_flower_logs()
+    if cfg.engine == "ray":
+        from fedeq.ray_engine import run_ray_simulation
+
+        run_ray_simulation(cfg, out, quiet=quiet, resume=resume_dir is not None)
+    elif resume_dir is not None:
+        raise ValueError(
+            "--resume: runs on engine=flower cannot be resumed (Flower's runtime owns the loop); "
+            "allowed: engine=ray"
+        )
     else:
-        raise ValueError(f"engine: unknown engine {cfg.engine!r}; allowed: flower")
+        run_flower_simulation(cfg, out, quiet=quiet)
     if not (out / "summary.json").exists():
         raise RuntimeError(f"the simulation ended without results in {out}; see the log above")
     return out

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 __all__ = ["ArrayLayout", "ReplyGuard", "array_layout"]
@@ -33,6 +34,7 @@ __all__ = ["ArrayLayout", "ReplyGuard", "array_layout"]
 ArrayLayout = dict[str, tuple[tuple[int, ...], str]]
 
 _STATUSES = ("ok", "rejected", "failed")
+"""Always counted; ``offline`` and ``dropped`` appear in the counts only when they occur."""
 
 
 def array_layout(arrays: ArrayRecord) -> ArrayLayout:
@@ -103,6 +105,11 @@ def _cast_to_layout(arrays: ArrayRecord, reference: ArrayLayout) -> ArrayRecord:
     return ArrayRecord(out) if changed else arrays
 
 
+ReplyCheck = Callable[[Mapping[str, Any]], "tuple[str, str] | None"]
+"""An extra acceptance test of a valid train reply's metrics: ``None`` to accept, or ``(status, reason)``
+with status ``"rejected"`` or ``"dropped"`` (e.g. a simulated deadline)."""
+
+
 class ReplyGuard:
     """Mixin that validates replies before the wrapped strategy aggregates them.
 
@@ -142,6 +149,7 @@ class ReplyGuard:
         self.eval_client_log: list[dict[str, Any]] = []
         self.eval_round_counts: dict[int, dict[str, int]] = {}
         self.global_layout: ArrayLayout | None = None
+        self.reply_checks: list[ReplyCheck] = []
         super().__init__(*args, **kwargs)
 
     # ------------------------------------------------------------------ configuration
@@ -207,6 +215,8 @@ class ReplyGuard:
     def _check_content(self, msg: Message, train: bool) -> tuple[str, str | None, dict[str, Any]]:
         """Return ``(status, reason, metrics)`` from the checks that need no other reply."""
         if msg.has_error():
+            if msg.error.code == ErrorCode.NODE_UNAVAILABLE:
+                return "offline", msg.error.reason, {}
             return "failed", f"error reply (code {msg.error.code}): {msg.error.reason}", {}
         if not msg.has_content():
             return "failed", "reply carries neither content nor error", {}
@@ -260,8 +270,13 @@ class ReplyGuard:
                     next(iter(msg.content.array_records.values()))
                 )
                 status = "rejected" if reason else "ok"
+                for check in self.reply_checks if status == "ok" else ():
+                    verdict = check(metrics)
+                    if verdict is not None:
+                        status, reason = verdict
+                        break
             node_id = int(msg.metadata.src_node_id)
-            counts[status] += 1
+            counts[status] = counts.get(status, 0) + 1
             if status == "ok":
                 valid.append(msg)
             else:
@@ -301,7 +316,8 @@ class ReplyGuard:
     def total_counts(self, *, train: bool = True) -> dict[str, int]:
         """Sum of the per-round counters over all rounds."""
         per_round: Mapping[int, Mapping[str, int]] = self.round_counts if train else self.eval_round_counts
-        return {s: sum(c.get(s, 0) for c in per_round.values()) for s in _STATUSES}
+        keys = dict.fromkeys([*_STATUSES, *(k for c in per_round.values() for k in c)])
+        return {s: sum(c.get(s, 0) for c in per_round.values()) for s in keys}
 
     def rejected_nodes(self, server_round: int) -> Sequence[int]:
         """Node ids whose train reply was rejected or failed in ``server_round``."""

@@ -1,0 +1,66 @@
+"""Run a fedeq config on the Ray device engine (:class:`fedeq.ray_grid.RayGrid`)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedeq.config import assign_tiers, to_run_config
+from fedeq.ray_grid import RayGrid, pool_sizes, start_ray
+from fedeq.server_app import run_server
+
+RUN_ID = 1
+
+
+@contextlib.contextmanager
+def server_identity(run_id: int = RUN_ID) -> Iterator[None]:
+    """The process identity Flower's ``Message`` constructor reads (set as a ServerApp process would)."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = run_id, run_id, SUPERLINK_NODE_ID
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def plan_pools(cfg: Any) -> tuple[list[int], float]:
+    """Pool size of every tier and the logical CPUs a local cluster needs to hold them all."""
+    cpus = float(cfg.ray.num_cpus or os.cpu_count() or 1)
+    sizes = pool_sizes(cfg.devices.tiers, cpus, cfg.ray.actors_per_tier)
+    need = sum(size * float(t.num_cpus) for size, t in zip(sizes, cfg.devices.tiers, strict=True))
+    return sizes, max(cpus, need)
+
+
+def make_grid(cfg: Any) -> RayGrid:
+    """Start (or join) Ray and build the grid of ``cfg``'s devices."""
+    sizes, cpus = plan_pools(cfg)
+    start_ray(cfg.ray.address, num_cpus=None if cfg.ray.address else cpus)
+    return RayGrid(
+        cfg.devices.tiers,
+        assign_tiers(cfg),
+        run_config=to_run_config(cfg),
+        call_timeout_s=cfg.ray.call_timeout_s,
+        sizes=sizes,
+        run_id=RUN_ID,
+    )
+
+
+def run_ray_simulation(cfg: Any, out: Path, quiet: bool = False, resume: bool = False) -> None:
+    """Run ``cfg`` with fedeq's Ray engine; results go to ``out``."""
+    started_here = not ray.is_initialized()
+    grid = make_grid(cfg)
+    try:
+        grid.warm_up()
+        with server_identity():
+            run_server(grid, cfg, out_dir=out, quiet=quiet, resume=resume)
+    finally:
+        grid.shutdown()
+        if started_here:
+            ray.shutdown()
