@@ -42,6 +42,13 @@ def make_grid(cfg: Any) -> RayGrid:
     """Start (or join) Ray and build the grid of ``cfg``'s devices."""
     sizes, cpus = plan_pools(cfg)
     start_ray(cfg.ray.address, num_cpus=None if cfg.ray.address else cpus)
+    have = float(ray.cluster_resources().get("CPU", 0.0))
+    need = sum(size * float(t.num_cpus) for size, t in zip(sizes, cfg.devices.tiers, strict=True))
+    if need > have + 1e-9:
+        raise ValueError(
+            f"ray: the tiers' actor pools {sizes} need {need:g} CPUs but the Ray cluster has {have:g}; "
+            "allowed: a cluster with enough CPUs, a smaller ray.actors_per_tier or smaller tier num_cpus"
+        )
     return RayGrid(
         cfg.devices.tiers,
         assign_tiers(cfg),

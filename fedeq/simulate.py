@@ -38,8 +38,7 @@ def run_flower_simulation(cfg: Any, out: Path, quiet: bool = False) -> None:
 def simulate(cfg: Any, quiet: bool = False, resume_dir: Path | None = None) -> Path:
     """Run ``cfg`` on its engine and return the output folder (``resume_dir`` continues a run there)."""
     out = Path(resume_dir) if resume_dir is not None else run_dir(cfg.output_dir, cfg.run_name)
-    if not quiet:
-        quiet_flower_logs()
+    quiet_flower_logs(logging.ERROR if quiet else logging.WARNING)
     if cfg.engine == "ray":
         from fedeq.ray_engine import run_ray_simulation
 

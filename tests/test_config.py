@@ -60,7 +60,7 @@ def test_default_is_valid_with_four_tiers_spanning_budgets() -> None:
     validate(cfg)
     assert cfg.rounds == 20 and cfg.num_clients == 20 and cfg.clients_per_round == 10
     assert cfg.data.name == "digits" and cfg.data.partition == "dirichlet" and cfg.data.alpha == 0.5
-    assert cfg.engine == "flower" and cfg.run_name is None
+    assert cfg.engine == "ray" and cfg.run_name is None
     tiers = cfg.devices.tiers
     assert [t.name for t in tiers] == ["micro", "phone", "laptop", "workstation"]
     budgets = [t.f_max_iter for t in tiers]
