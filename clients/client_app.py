@@ -21,6 +21,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
+from omegaconf import OmegaConf
 from torch import nn
 
 from fedeq.adversarial import adversarial_from_config
@@ -99,9 +100,8 @@ class _Attrs:
 def model_for(cfg: Any) -> nn.Module:
     """A model of the configured architecture, reused across calls in this process (weights get replaced)."""
     splits = load_dataset(cfg.data.name, cfg.data.path, cfg.data.test_path, cfg.data.test_fraction, cfg.seed)
-    m = cfg.model
-    items = tuple(sorted({"hidden": m.hidden, "channels": m.channels, "depth": m.depth}.items()))
-    return _cached_model((m.name, tuple(splits.input_shape), splits.num_classes, items))
+    items = tuple(sorted((k, v) for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"))
+    return _cached_model((cfg.model.name, tuple(splits.input_shape), splits.num_classes, items))
 
 
 def _context(message: Message, context: Context) -> tuple[Any, int, int, int, Any]:

@@ -45,6 +45,8 @@ from omegaconf import (
 from omegaconf.errors import OmegaConfBaseException
 
 __all__ = [
+    "ADVERSARIAL_MODES",
+    "ATTACK_NORMS",
     "BACKWARDS",
     "DATA_NAMES",
     "DEVICES",
@@ -84,16 +86,29 @@ __all__ = [
 ENGINES: tuple[str, ...] = ("ray", "flower")
 DATA_NAMES: tuple[str, ...] = ("digits", "mnist5k", "npz")
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "shards")
-MODEL_NAMES: tuple[str, ...] = ("mlp_deq", "conv_deq", "explicit")
+MODEL_NAMES: tuple[str, ...] = (
+    "mlp_deq",
+    "conv_deq",
+    "explicit",
+    "mondeq",
+    "conv_mondeq",
+    "tied",
+    "tied_sparse",
+    "lyadeq",
+)
+MASK_PATTERNS: tuple[str, ...] = ("unstructured", "row")
 STOP_MODES: tuple[str, ...] = ("abs", "rel")
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 SOLVERS: tuple[str, ...] = ("fixed_point", "anderson", "broyden")
 BACKWARDS: tuple[str, ...] = ("ift", "phantom", "jfb", "broyden_reuse")
+ADVERSARIAL_MODES: tuple[str, ...] = ("none", "pgd", "trades")
+ATTACK_NORMS: tuple[str, ...] = ("linf", "l2")
 
 #: Key of the run-config entry that carries the resolved config as YAML text.
 RUN_CONFIG_KEY = "fedeq-config"
 RUN_OVERRIDES_KEY = "overrides"
+DEADLINE_POLICIES = ("drop", "partial")
 #: Allowed deviation of the sum of tier shares from 1.
 SHARE_TOLERANCE = 1e-6
 
@@ -128,13 +143,21 @@ class ModelConfig:
     depth: int = 3
     tol: float = 1e-4
     stop_mode: str = "rel"
+    monotone_m: float = 0.1
+    """mondeq: strong-monotonicity margin m of W = (1 - m) I - AᵀA + B - Bᵀ."""
+    mask_density: float = 0.5
+    """tied_sparse: fraction of kept weights in each layer's mask."""
+    mask_pattern: str = "unstructured"
+    """tied_sparse: unstructured (entries) | row (output units)."""
+    mask_seed: int = 0
+    """tied_sparse: seed of the per-layer masks."""
 
 
 @dataclass
 class TrainConfig:
     """Local training hyper-parameters."""
 
-    local_epochs: int = 1
+    local_epochs: int = 3
     lr: float = 0.01
     batch_size: int = 32
     optimizer: str = "adam"
@@ -144,6 +167,16 @@ class TrainConfig:
     jac_reg_samples: int = 1
     randomize_budget: bool = False
     proximal_mu: float = 0.0
+    adversarial: str = "none"
+    """Local adversarial training: ``none`` | ``pgd`` (PGD-AT) | ``trades``."""
+    epsilon: float = 0.1
+    attack_steps: int = 5
+    attack_step_size: float | None = None
+    """PGD step; ``null`` = 2.5·epsilon/attack_steps."""
+    attack_norm: str = "linf"
+    trades_beta: float = 6.0
+    intermediate_states: bool = False
+    """Compute the (adversarial) loss at a random intermediate solver state."""
 
 
 @dataclass
@@ -189,6 +222,7 @@ class TierConfig:
     availability: float = 1.0
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    memory_mb: float | None = None
 
 
 def _default_tiers() -> list[TierConfig]:
@@ -254,15 +288,37 @@ class DevicesConfig:
 
     tiers: list[TierConfig] = field(default_factory=_default_tiers)
     deadline_s: float | None = None
+    deadline_policy: str = "drop"
+    """``drop``: replies past the deadline are discarded; ``partial``: clients stop training when their
+    simulated time reaches the deadline and their partial work is aggregated."""
     nfe_cost_s: float = 1e-4
     """Simulated seconds one function evaluation costs per sample on a tier of speed 1.0."""
 
 
 @dataclass
 class RayConfig:
-    """Ray settings for the ``ray`` engine (``address=None`` starts a local cluster)."""
+    """Ray settings for the ``ray`` engine (``address=None`` starts a local cluster).
+
+    ``actors_per_tier`` fixes every tier's actor pool size (default: the tier's share of the CPUs, at
+    least one); ``call_timeout_s`` is the wall-clock limit of one client call (its actor is replaced);
+    ``num_cpus`` sets the logical CPUs of a local cluster (default: enough for every pool).
+    """
 
     address: str | None = None
+    actors_per_tier: int | None = None
+    call_timeout_s: float | None = None
+    num_cpus: float | None = None
+
+
+@dataclass
+class FaultConfig:
+    """Fault injection: the probability that a client call raises, hangs for ``hang_s`` seconds, or
+    returns NaN weights (drawn per call from the run seed, round and partition)."""
+
+    raise_p: float = 0.0
+    hang_p: float = 0.0
+    nan_p: float = 0.0
+    hang_s: float = 30.0
 
 
 @dataclass
@@ -273,7 +329,7 @@ class FedeqConfig:
     rounds: int = 20
     num_clients: int = 20
     clients_per_round: int = 10
-    engine: str = "flower"
+    engine: str = "ray"
     output_dir: str = "outputs"
     run_name: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
@@ -283,6 +339,7 @@ class FedeqConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -773,6 +830,8 @@ def _validate_tiers(cfg: Any) -> None:
         _bounded(f"{p}.availability", tier.availability, 0.0, 1.0, low_open=True)
         _bounded(f"{p}.num_cpus", tier.num_cpus, 0.0, low_open=True)
         _bounded(f"{p}.num_gpus", tier.num_gpus, 0.0)
+        if tier.memory_mb is not None:
+            _bounded(f"{p}.memory_mb", tier.memory_mb, 0.0, low_open=True)
     if share_tiers:
         shares = [float(tiers[i].share) for i in share_tiers]
         total = math.fsum(shares)
@@ -828,6 +887,10 @@ def validate(cfg: FedeqConfig) -> None:
     _bounded("model.depth", m.depth, 1, integer=True)
     _bounded("model.tol", m.tol, 0.0, low_open=True)
     _choice("model.stop_mode", m.stop_mode, STOP_MODES)
+    _bounded("model.monotone_m", m.monotone_m, 0.0, 1.0, low_open=True)
+    _bounded("model.mask_density", m.mask_density, 0.0, 1.0, low_open=True)
+    _choice("model.mask_pattern", m.mask_pattern, MASK_PATTERNS)
+    _bounded("model.mask_seed", m.mask_seed, 0, integer=True)
 
     t = c.train
     _bounded("train.local_epochs", t.local_epochs, 1, integer=True)
@@ -839,6 +902,16 @@ def validate(cfg: FedeqConfig) -> None:
     _bounded("train.jac_reg", t.jac_reg, 0.0)
     _bounded("train.jac_reg_samples", t.jac_reg_samples, 1, integer=True)
     _bounded("train.proximal_mu", t.proximal_mu, 0.0)
+    _choice("train.adversarial", t.adversarial, ADVERSARIAL_MODES)
+    if t.adversarial == "none":
+        _bounded("train.epsilon", t.epsilon, 0.0)
+    else:
+        _bounded("train.epsilon", t.epsilon, 0.0, low_open=True)
+    _bounded("train.attack_steps", t.attack_steps, 1, integer=True)
+    if t.attack_step_size is not None:
+        _bounded("train.attack_step_size", t.attack_step_size, 0.0, low_open=True)
+    _choice("train.attack_norm", t.attack_norm, ATTACK_NORMS)
+    _bounded("train.trades_beta", t.trades_beta, 0.0)
 
     s = c.strategy
     if not _STRATEGY_NAME_RE.match(s.name):
@@ -862,6 +935,19 @@ def validate(cfg: FedeqConfig) -> None:
 
     _validate_tiers(c)
     _bounded("devices.nfe_cost_s", c.devices.nfe_cost_s, 0.0, low_open=True)
+    _choice("devices.deadline_policy", c.devices.deadline_policy, DEADLINE_POLICIES)
+    if c.ray.actors_per_tier is not None:
+        _bounded("ray.actors_per_tier", c.ray.actors_per_tier, 1, integer=True)
+    if c.ray.call_timeout_s is not None:
+        _bounded("ray.call_timeout_s", c.ray.call_timeout_s, 0.0, low_open=True)
+    if c.ray.num_cpus is not None:
+        _bounded("ray.num_cpus", c.ray.num_cpus, 0.0, low_open=True)
+    for key in ("raise_p", "hang_p", "nan_p"):
+        _bounded(f"faults.{key}", getattr(c.faults, key), 0.0, 1.0)
+    total_p = c.faults.raise_p + c.faults.hang_p + c.faults.nan_p
+    if total_p > 1.0 + 1e-9:
+        _fail("faults", "fault probabilities must sum to at most 1", "raise_p + hang_p + nan_p <= 1", total_p)
+    _bounded("faults.hang_s", c.faults.hang_s, 0.0, low_open=True)
     if c.devices.deadline_s is not None:
         _bounded("devices.deadline_s", c.devices.deadline_s, 0.0, low_open=True)
 

@@ -187,10 +187,45 @@ def _explicit(input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dic
     )
 
 
+def _mondeq(input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any]) -> nn.Module:
+    from fedeq.mondeq import build_mondeq
+
+    return build_mondeq(input_shape, num_classes, cfg, deq)
+
+
+def _conv_mondeq(input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any]) -> nn.Module:
+    from fedeq.mondeq import build_conv_mondeq
+
+    return build_conv_mondeq(input_shape, num_classes, cfg, deq)
+
+
+def _tied(input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any]) -> nn.Module:
+    from fedeq.tied import build_tied
+
+    return build_tied(input_shape, num_classes, cfg, deq)
+
+
+def _tied_sparse(input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any]) -> nn.Module:
+    from fedeq.tied import build_tied_sparse
+
+    return build_tied_sparse(input_shape, num_classes, cfg, deq)
+
+
+def _lyadeq(input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any]) -> nn.Module:
+    from fedeq.lyadeq import build_lyadeq
+
+    return build_lyadeq(input_shape, num_classes, cfg, deq)
+
+
 MODELS: dict[str, Callable[[tuple[int, ...], int, Any, dict[str, Any]], nn.Module]] = {
     "mlp_deq": _mlp_deq,
     "conv_deq": _conv_deq,
     "explicit": _explicit,
+    "mondeq": _mondeq,
+    "conv_mondeq": _conv_mondeq,
+    "tied": _tied,
+    "tied_sparse": _tied_sparse,
+    "lyadeq": _lyadeq,
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -14,6 +14,9 @@ from torch import nn
 
 from fedeq.deq import DEQ
 from fedeq.models import ModelOutput
+
+if TYPE_CHECKING:
+    from fedeq.adversarial import AdversarialConfig
 
 Tensor = torch.Tensor
 
@@ -113,14 +116,24 @@ def train_local(
     proximal_mu: float = 0.0,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    adversarial: AdversarialConfig | None = None,
+    sim_budget_s: float | None = None,
+    sim_cost_s: float = 0.0,
 ) -> TrainStats:
     """Train ``model`` in place with cross-entropy (+ ``jac_reg``·Jacobian term + FedProx term).
 
     ``deq`` holds per-call DEQ overrides (``f_max_iter``, ``b_max_iter``, ``solver``, ``backward``, ...).
     With ``randomize_budget`` each step draws its forward budget uniformly from ``1..f_max_iter``, which
     trains the model to be accurate at every budget (anytime). FedProx adds ``μ/2 ||θ - θ_global||²`` with
-    ``θ_global`` the weights at entry.
+    ``θ_global`` the weights at entry. ``adversarial`` (a :class:`~fedeq.adversarial.AdversarialConfig`)
+    swaps the cross-entropy for PGD-AT / TRADES / random-intermediate-state losses; the attack's function
+    evaluations are added to ``nfe_fwd`` / ``nfe_bwd``. With ``sim_budget_s`` training stops once the
+    simulated compute ``Σ_steps (nfe_fwd + nfe_bwd)·batch·sim_cost_s`` reaches it (a device's deadline).
     """
+    if adversarial is not None:
+        from fedeq.adversarial import adversarial_step
+
+        adversarial.validate()
     device = torch.device(device)
     model.to(device).train()
     xt, yt = _as_tensors(x, y, device)
@@ -141,13 +154,18 @@ def train_local(
     t0 = time.perf_counter()
     totals = np.zeros(4)  # loss, residual, nfe_f, nfe_b
     steps = samples = 0
+    sim_used = 0.0
     for _ in range(epochs):
         for xb, yb in iterate_batches(xt, yt, batch_size, shuffle=True, generator=gen):
             call = overrides
             if randomize_budget and f_budget > 1:
                 call = {**overrides, "f_max_iter": int(torch.randint(1, f_budget + 1, (1,), generator=gen))}
-            out = model(xb, **call)
-            loss = F.cross_entropy(out.logits, yb)
+            if adversarial is None:
+                out = model(xb, **call)
+                loss = F.cross_entropy(out.logits, yb)
+            else:
+                adv = adversarial_step(model, xb, yb, adversarial, call, generator=gen)
+                out, loss = adv.out, adv.loss
             total = loss
             if jac_reg > 0 and out.aux_loss is not None:
                 total = total + jac_reg * out.aux_loss
@@ -158,9 +176,16 @@ def train_local(
             total.backward()
             opt.step()
             res, nf, nb = _solver_stats(out)
+            if adversarial is not None:
+                nf, nb = nf + adv.nfe_fwd, nb + adv.nfe_bwd
             totals += (float(loss.detach()), res, nf, nb)
             steps += 1
             samples += xb.shape[0]
+            sim_used += (nf + nb) * xb.shape[0] * sim_cost_s
+            if sim_budget_s is not None and sim_used >= sim_budget_s:
+                break
+        if sim_budget_s is not None and sim_used >= sim_budget_s:
+            break
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     mean = totals / max(steps, 1)

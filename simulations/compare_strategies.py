@@ -22,15 +22,25 @@ from rich.table import Table
 from fedeq.config import load_config
 from fedeq.simulate import simulate
 
-DEFAULT_STRATEGIES = ("fedavg", "quality:uniform", "quality:residual", "quality:budget", "quality:val_loss")
+DEFAULT_STRATEGIES = (
+    "fedavg",
+    "quality:uniform",
+    "quality:residual",
+    "quality:residual@0.1",
+    "quality:budget",
+    "quality:val_loss",
+)
 
 
 def strategy_overrides(spec: str) -> list[str]:
-    """``name`` or ``quality:<function>`` → config overrides."""
+    """``name``, ``quality:<function>`` or ``quality:<function>@<temperature>`` → config overrides."""
     name, _, quality = spec.partition(":")
+    quality, _, temperature = quality.partition("@")
     out = [f"strategy.name={name}", "strategy.kwargs={}"]
     if quality:
         out.append(f"strategy.kwargs.quality={quality}")
+    if temperature:
+        out.append(f"strategy.kwargs.temperature={temperature}")
     return out
 
 
@@ -39,7 +49,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     rows = []
     for spec in args.strategies:
         for seed in args.seeds:
-            name = f"{spec.replace(':', '-')}-s{seed}"
+            name = f"{spec.replace(':', '-').replace('@', '-t')}-s{seed}"
             overrides = [
                 *args.overrides,
                 f"seed={seed}",
