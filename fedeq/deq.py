@@ -234,7 +234,9 @@ def _broyden_reuse_hook(
     def hook(w: Tensor) -> Tensor:
         U, V = fstats.broyden_factors  # type: ignore[misc]
         wf = w.reshape(w.shape[0], -1)
-        g = wf - torch.einsum("bn,bnd->bd", torch.einsum("bnd,bd->bn", U.to(w.dtype), wf), V.to(w.dtype))
+        # -Bᵀ w = w - V (Uᵀ w); the vector goes on the left of each batched product (much faster on CPU).
+        c = torch.bmm(wf[:, None], U.to(w.dtype).mT)
+        g = torch.baddbmm(wf[:, None], c, V.to(w.dtype), alpha=-1)[:, 0]
         fallback = ~(g.norm(dim=1) <= s.reuse_threshold * wf.norm(dim=1))
         g = torch.where(fallback[:, None], wf, g)
         bstats.fallback = fallback
