@@ -17,7 +17,7 @@ class InjectedFault(RuntimeError):
 
 
 def draw_fault(faults: Any, seed: int) -> str | None:
-    """``raise`` / ``hang`` / ``nan`` with probabilities ``faults.raise_p`` / ``hang_p`` / ``nan_p``, else None.
+    """Draw ``raise``, ``hang`` or ``nan`` with probabilities ``raise_p``, ``hang_p``, ``nan_p`` (else None).
 
     One uniform draw from ``seed`` decides, so the same run seed, round and partition give the same fault.
     """
