@@ -12,7 +12,7 @@ import heapq
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,8 @@ __all__ = [
     "ClientData",
     "DatasetSplits",
     "batches",
+    "client_partitions",
+    "install_partitions",
     "load_client_data",
     "load_dataset",
     "partition_dataset",
@@ -437,29 +439,68 @@ def _cfg(data_cfg: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def _cfg_args(data_cfg: Any) -> tuple[Any, ...]:
+    """``(name, path, test_path, test_fraction, scheme, alpha, labels_per_client, min_partition_size)``."""
+    path = _cfg(data_cfg, "path")
+    test_path = _cfg(data_cfg, "test_path")
+    return (
+        str(data_cfg.name),
+        str(path) if path else None,
+        str(test_path) if test_path else None,
+        float(_cfg(data_cfg, "test_fraction", 0.2)),
+        str(data_cfg.partition),
+        float(_cfg(data_cfg, "alpha", 0.5)),
+        int(_cfg(data_cfg, "labels_per_client", 2)),
+        int(_cfg(data_cfg, "min_partition_size", 2)),
+    )
+
+
+_INSTALLED_PARTITIONS: dict[tuple[Any, ...], tuple[np.ndarray, ...]] = {}
+"""Partitions handed to this process by :func:`install_partitions`, keyed by data arguments."""
+
+
 def _cfg_partitions(
     data_cfg: Any, num_partitions: int, seed: int
 ) -> tuple[DatasetSplits, tuple[np.ndarray, ...]]:
-    name = str(data_cfg.name)
-    path = _cfg(data_cfg, "path")
-    test_path = _cfg(data_cfg, "test_path")
-    path = str(path) if path else None
-    test_path = str(test_path) if test_path else None
-    test_fraction = float(_cfg(data_cfg, "test_fraction", 0.2))
+    args = _cfg_args(data_cfg)
+    name, path, test_path, test_fraction, scheme, alpha, labels_per_client, min_size = args
     splits = load_dataset(name, path, test_path, test_fraction, seed)
+    installed = _INSTALLED_PARTITIONS.get((*args, int(num_partitions), int(seed)))
+    if installed is not None:
+        return splits, installed
     parts = partition_dataset(
         name,
         path,
         test_path,
         test_fraction,
         num_partitions,
-        str(data_cfg.partition),
-        alpha=float(_cfg(data_cfg, "alpha", 0.5)),
-        labels_per_client=int(_cfg(data_cfg, "labels_per_client", 2)),
+        scheme,
+        alpha=alpha,
+        labels_per_client=labels_per_client,
         seed=seed,
-        min_partition_size=int(_cfg(data_cfg, "min_partition_size", 2)),
+        min_partition_size=min_size,
     )
     return splits, parts
+
+
+def client_partitions(data_cfg: Any, num_partitions: int, seed: int) -> tuple[np.ndarray, ...]:
+    """The partitions (read-only index arrays into ``x_train``) that :func:`load_client_data` uses."""
+    return _cfg_partitions(data_cfg, num_partitions, seed)[1]
+
+
+def install_partitions(data_cfg: Any, num_partitions: int, seed: int, parts: Sequence[np.ndarray]) -> None:
+    """Make this process use ``parts`` for ``data_cfg`` instead of partitioning again.
+
+    For engines that run many clients in long-lived worker processes: the driver computes
+    :func:`client_partitions` once and installs the result in every worker.
+    """
+    if len(parts) != int(num_partitions):
+        raise ValueError(f"install_partitions: got {len(parts)} partitions, expected {int(num_partitions)}")
+    frozen = tuple(np.asarray(p, dtype=np.int64) for p in parts)
+    for p in frozen:
+        if p.flags.writeable:
+            p.flags.writeable = False
+    _INSTALLED_PARTITIONS[(*_cfg_args(data_cfg), int(num_partitions), int(seed))] = frozen
 
 
 def load_client_data(data_cfg: Any, partition_id: int, num_partitions: int, seed: int) -> ClientData:

@@ -27,15 +27,20 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+_ACTOR_DIED = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)
+
 NODE_ID_OFFSET = 1_000_000
 """Node ids are ``NODE_ID_OFFSET + partition id``: stable across runs, so a resumed run samples alike."""
 
 
 @ray.remote
 class ClientWorker:
-    """A long-lived process that runs the ClientApp for any node of its tier."""
+    """A long-lived process that runs the ClientApp for any node of its tier.
 
-    def __init__(self, app_ref: str, num_threads: int) -> None:
+    The run config is sent once, when the actor starts, not with every call.
+    """
+
+    def __init__(self, app_ref: str, num_threads: int, run_config: dict | None = None) -> None:
         import importlib
 
         import torch
@@ -43,17 +48,26 @@ class ClientWorker:
         torch.set_num_threads(max(1, num_threads))
         module, _, attr = app_ref.partition(":")
         self.app = getattr(importlib.import_module(module), attr)
+        self.run_config = dict(run_config or {})
         self.states: dict[int, RecordDict] = {}
+        self.calls = 0
+        self.busy_s = 0.0
+        self.cpu_s = 0.0
+        self.first_call_s: float | None = None
 
     def ready(self) -> bool:
         return True
 
-    def handle(
-        self, message: Message, node_id: int, node_config: dict, run_id: int, run_config: dict
-    ) -> Message:
+    def setup(self, setup: tuple[Any, tuple]) -> Any:
+        """Run ``function(*args)`` of a picklable ``(function, args)`` pair in this process."""
+        function, args = setup
+        return function(*args)
+
+    def handle(self, message: Message, node_id: int, node_config: dict, run_id: int) -> Message:
+        t0, c0 = time.perf_counter(), time.process_time()
         state = self.states.setdefault(node_id, RecordDict())
         context = Context(
-            run_id=run_id, node_id=node_id, node_config=node_config, state=state, run_config=run_config
+            run_id=run_id, node_id=node_id, node_config=node_config, state=state, run_config=self.run_config
         )
         try:
             return self.app(message, context)
@@ -61,9 +75,36 @@ class ClientWorker:
             return Message(
                 Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}"), reply_to=message
             )
+        finally:
+            elapsed = time.perf_counter() - t0
+            self.calls += 1
+            self.busy_s += elapsed
+            self.cpu_s += time.process_time() - c0
+            if self.first_call_s is None:
+                self.first_call_s = elapsed
+
+    def stats(self) -> dict[str, Any]:
+        """Calls served, wall and CPU seconds spent inside the ClientApp, this process's memory (bytes)."""
+        memory = {}
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith(("VmRSS:", "VmHWM:")):
+                        memory[line.split(":")[0]] = int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return {
+            "pid": os.getpid(),
+            "calls": self.calls,
+            "busy_s": self.busy_s,
+            "cpu_s": self.cpu_s,
+            "first_call_s": self.first_call_s,
+            "rss_bytes": memory.get("VmRSS"),
+            "peak_rss_bytes": memory.get("VmHWM"),
+        }
 
 
-@dataclass
+@dataclass(eq=False)
 class _Call:
     message: Message
     pool: _TierPool
@@ -72,6 +113,11 @@ class _Call:
     ready_ref: Any = None
     """For a fresh actor: resolves when it has started; the call's time limit counts from then."""
     started: float | None = None
+    """When the call began to run; ``None`` while it waits for its actor or for the call ahead of it."""
+
+    @property
+    def mid(self) -> str:
+        return self.message.metadata.message_id
 
 
 @dataclass
@@ -84,6 +130,8 @@ class _TierPool:
     warm: set = field(default_factory=set)
     idle: deque = field(default_factory=deque)
     queue: deque = field(default_factory=deque)
+    lines: dict[Any, deque] = field(default_factory=dict)
+    """The calls sent to each actor, in the order it runs them (the first one is running)."""
     replaced: int = 0
 
 
@@ -113,6 +161,12 @@ class RayGrid(Grid):
         call_timeout_s: wall-clock limit of one client call (``None``: no limit).
         actors_per_tier: pool size of every tier (default: derived from the cluster's CPUs).
         sizes: explicit pool size per tier (overrides ``actors_per_tier``).
+        actor_setup: ``(function, args)`` that every actor runs once before its first call (see
+            :meth:`set_actor_setup`).
+        pipeline: calls sent ahead to a busy actor. With 2 (the default), while a pool has a backlog each
+            actor holds its next call in its own queue and starts it the moment the current one ends, with
+            no round trip through the driver; near the end of a round calls go only to free actors, so
+            the work stays balanced. 1: one call per actor at a time.
     """
 
     def __init__(
@@ -125,6 +179,8 @@ class RayGrid(Grid):
         actors_per_tier: int | None = None,
         sizes: Sequence[int] | None = None,
         run_id: int = 1,
+        actor_setup: tuple[Any, tuple] | None = None,
+        pipeline: int = 2,
     ) -> None:
         if not ray.is_initialized():
             raise RuntimeError("RayGrid needs a running Ray: call fedeq.ray_grid.start_ray() first")
@@ -134,7 +190,9 @@ class RayGrid(Grid):
         self.run_config = dict(run_config or {})
         self.app_ref = app_ref
         self.call_timeout_s = call_timeout_s
+        self.pipeline = max(1, int(pipeline))
         self._run = Run.create_empty(run_id)
+        self._setup: Any = None
         if sizes is None:
             total_cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
             sizes = pool_sizes(self.tiers, total_cpus, actors_per_tier)
@@ -145,6 +203,8 @@ class RayGrid(Grid):
             if memory_mb:
                 options["memory"] = int(memory_mb * 2**20)
             self.pools.append(_TierPool(tier.name, options, size, max(1, int(math.ceil(tier.num_cpus)))))
+        if actor_setup is not None:
+            self.set_actor_setup(*actor_setup)
         self.pending: dict[str, _Call] = {}
         self.done: dict[str, Message] = {}
         self.calls = 0
@@ -210,39 +270,76 @@ class RayGrid(Grid):
             self._progress(wait)
             if deadline is not None and time.monotonic() >= deadline:
                 break
-        for mid in ids:  # replies that did not arrive in time are abandoned
-            call = self.pending.pop(mid, None)
-            if call is not None and call.ref is not None:
+        # Replies that did not arrive in time are abandoned; an actor still running one is replaced (a call
+        # queued behind others runs later and its reply is dropped).
+        abandoned = [call for mid in ids if (call := self.pending.pop(mid, None)) is not None]
+        for call in abandoned:
+            line = call.pool.lines.get(call.actor)
+            if call.ref is not None and line and line[0] is call:
                 self._replace(call)
         return [self.done.pop(mid) for mid in ids if mid in self.done]
 
     # ------------------------------------------------------------------ pools
 
+    def set_actor_setup(self, function: Any, args: tuple) -> None:
+        """Have every actor, running or started later, call ``function(*args)`` before its next call.
+
+        Both must be picklable; ``args`` go through Ray's object store once, however many actors there are.
+        Use it to hand the actors data the driver prepared (e.g. the partitions), so that they need not
+        compute it themselves. An actor whose setup raises goes on serving calls.
+        """
+        self._setup = ray.put((function, tuple(args)))
+        for pool in self.pools:
+            for actor in pool.actors:
+                actor.setup.remote(self._setup)
+
     def _new_actor(self, pool: _TierPool) -> Any:
-        return ClientWorker.options(**pool.options).remote(self.app_ref, pool.num_threads)
+        actor = ClientWorker.options(**pool.options).remote(self.app_ref, pool.num_threads, self.run_config)
+        if self._setup is not None:
+            actor.setup.remote(self._setup)
+        return actor
 
     def _dispatch(self) -> None:
         for pool in self.pools:
             while pool.queue and (pool.idle or len(pool.actors) < pool.size):
+                call = pool.queue.popleft()
+                if call.mid not in self.pending:  # abandoned before it was sent
+                    continue
                 if not pool.idle:
                     actor = self._new_actor(pool)
                     pool.actors.append(actor)
                     pool.idle.append(actor)
-                call = pool.queue.popleft()
-                call.actor = pool.idle.popleft()
-                node = int(call.message.metadata.dst_node_id)
-                if call.actor in pool.warm:
-                    call.started = time.monotonic()
-                else:  # actor calls run in order: `ready` returns when the actor can take the call
-                    call.ready_ref = call.actor.ready.remote()
-                call.ref = call.actor.handle.remote(
-                    call.message, node, self.node_config(node), self._run.run_id, self.run_config
-                )
-                self.calls += 1
+                self._submit(call, pool.idle.popleft())
+            # Every actor is busy. While the backlog is at least one call per actor, send each actor its
+            # next call now: it waits in the actor's queue and starts as soon as the current one ends.
+            for depth in range(1, self.pipeline):
+                for actor in list(pool.actors):
+                    while pool.queue and pool.queue[0].mid not in self.pending:
+                        pool.queue.popleft()
+                    if len(pool.queue) < len(pool.actors):
+                        break
+                    if len(pool.lines.get(actor, ())) == depth:
+                        self._submit(pool.queue.popleft(), actor)
+
+    def _submit(self, call: _Call, actor: Any) -> None:
+        pool = call.pool
+        line = pool.lines.setdefault(actor, deque())
+        node = int(call.message.metadata.dst_node_id)
+        call.actor, call.ready_ref, call.started = actor, None, None
+        if not line:  # it runs at once (calls queued behind others start when those are done)
+            if actor in pool.warm:
+                call.started = time.monotonic()
+            else:  # actor calls run in order: `ready` returns when the actor can take the call
+                call.ready_ref = actor.ready.remote()
+        call.ref = actor.handle.remote(call.message, node, self.node_config(node), self._run.run_id)
+        line.append(call)
+        self.calls += 1
 
     def _progress(self, wait_s: float) -> None:
         """Collect finished calls (waiting up to ``wait_s``), enforce the per-call limit, refill pools."""
-        running = {c.ref: c for c in self.pending.values() if c.ref is not None}
+        running = {
+            c.ref: c for pool in self.pools for line in pool.lines.values() for c in line if c.ref is not None
+        }
         starting = {c.ready_ref: c for c in running.values() if c.ready_ref is not None}
         if starting:
             up, _ = ray.wait(list(starting), num_returns=len(starting), timeout=0)
@@ -262,21 +359,22 @@ class RayGrid(Grid):
             ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
             if ready:  # take every call that has finished by now, not just the first
                 ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-            for ref in ready:
-                call = running[ref]
+            # An actor runs its calls in order: take each actor's finished calls front to back.
+            finished = sorted((running[ref] for ref in ready), key=self._place_in_line)
+            for call in finished:
+                if call.ref is None:  # sent back to the queue when its actor was retired in this pass
+                    continue
                 try:
-                    reply = ray.get(ref)
-                    call.pool.idle.append(call.actor)
-                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as err:
-                    reply = Message(
-                        Error(ErrorCode.CLIENT_APP_CRASHED, f"actor died: {err}"), reply_to=call.message
-                    )
-                    self._replace(call, kill=False)
+                    reply = ray.get(call.ref)
+                except _ACTOR_DIED as err:
+                    self._actor_died(call, err)
+                    continue
+                self._next_in_line(call)
                 self._finish(call, reply)
             if self.call_timeout_s is not None:
                 now = time.monotonic()
-                for ref, call in running.items():
-                    if ref in ready or call.started is None:
+                for call in running.values():
+                    if call.ref is None or call.started is None:
                         continue
                     if now - call.started > self.call_timeout_s:
                         reason = f"timeout: no reply within call_timeout_s={self.call_timeout_s:g}"
@@ -286,35 +384,101 @@ class RayGrid(Grid):
                         )
         self._dispatch()
 
+    def _actor_died(self, call: _Call, err: Exception) -> None:
+        """``call``'s actor died. It ran its calls in order: those ahead of ``call`` may have finished; the
+        first one that did not was running and fails; the ones after it never ran and go back to the queue."""
+        line = list(call.pool.lines.get(call.actor, ())) or [call]
+        culprit = call
+        for ahead in line:
+            if ahead is call or ahead.ref is None:
+                break
+            if ray.wait([ahead.ref], num_returns=1, timeout=5.0)[0]:
+                try:
+                    reply = ray.get(ahead.ref)
+                except _ACTOR_DIED:
+                    pass
+                else:  # it finished before the actor died
+                    self._next_in_line(ahead)
+                    self._finish(ahead, reply)
+                    continue
+            culprit = ahead
+            break
+        self._replace(culprit, kill=False)
+        self._finish(
+            culprit,
+            Message(Error(ErrorCode.CLIENT_APP_CRASHED, f"actor died: {err}"), reply_to=culprit.message),
+        )
+
+    @staticmethod
+    def _place_in_line(call: _Call) -> int:
+        line = call.pool.lines.get(call.actor, ())
+        return line.index(call) if call in line else 0
+
+    def _next_in_line(self, call: _Call) -> None:
+        """``call`` ended on its actor: the next call queued there starts now, or the actor is free."""
+        pool, actor = call.pool, call.actor
+        line = pool.lines.get(actor)
+        if line is not None and call in line:
+            line.remove(call)
+        pool.warm.add(actor)
+        if line:
+            nxt = line[0]
+            if nxt.started is None and nxt.ref is not None:
+                nxt.started = time.monotonic()
+        elif actor in pool.actors:
+            pool.idle.append(actor)
+
     def _finish(self, call: _Call, reply: Message) -> None:
-        mid = call.message.metadata.message_id
-        if self.pending.pop(mid, None) is not None:
-            self.done[mid] = reply
+        if self.pending.pop(call.mid, None) is not None:
+            self.done[call.mid] = reply
         call.ref = None
 
     def _replace(self, call: _Call, kill: bool = True) -> None:
-        """Retire ``call``'s actor (killing it if still alive) and let the pool start a fresh one."""
-        pool = call.pool
-        if kill:
-            ray.kill(call.actor, no_restart=True)
-        if call.actor in pool.actors:
-            pool.actors.remove(call.actor)
-        pool.warm.discard(call.actor)
-        pool.replaced += 1
-        call.ref = None
+        """Retire ``call``'s actor (killing it if still alive) and let the pool start a fresh one.
 
-    def warm_up(self) -> None:
-        """Start every pool's actors now (they import torch and the app), so round 1 is not slower."""
-        refs = []
+        Calls queued behind ``call`` on that actor never ran: they go back to the front of the pool's queue.
+        """
+        pool, actor = call.pool, call.actor
+        call.ref = call.ready_ref = None
+        if actor not in pool.actors:  # already retired
+            return
+        if kill:
+            ray.kill(actor, no_restart=True)
+        pool.actors.remove(actor)
+        pool.warm.discard(actor)
+        line = pool.lines.pop(actor, deque())
+        for other in reversed([c for c in line if c is not call and c.mid in self.pending]):
+            other.actor = other.ref = other.ready_ref = other.started = None
+            pool.queue.appendleft(other)
+        pool.replaced += 1
+
+    def warm_up(self, wait: bool = True) -> None:
+        """Start every pool's actors now (they import torch and the app), so round 1 is not slower.
+
+        With ``wait=False`` the actors start in the background while the driver goes on (call
+        :meth:`wait_ready` later); a call sent to an actor that is still starting waits for it, and its time
+        limit counts from when the actor is up.
+        """
         for pool in self.pools:
             while len(pool.actors) < pool.size:
                 actor = self._new_actor(pool)
                 pool.actors.append(actor)
                 pool.idle.append(actor)
-                refs.append((pool, actor, actor.ready.remote()))
-        ray.get([ref for _, _, ref in refs])
-        for pool, actor, _ in refs:
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Wait until every started actor has loaded the app and run its setup."""
+        starting = [(pool, a) for pool in self.pools for a in pool.actors if a not in pool.warm]
+        ray.get([actor.ready.remote() for _, actor in starting])
+        for pool, actor in starting:
             pool.warm.add(actor)
+
+    def actor_stats(self) -> list[dict[str, Any]]:
+        """:meth:`ClientWorker.stats` of every live actor, with its tier (waits for running calls)."""
+        names = [(pool.name, actor) for pool in self.pools for actor in pool.actors]
+        stats = ray.get([actor.stats.remote() for _, actor in names])
+        return [{"tier": name, **st} for (name, _), st in zip(names, stats, strict=True)]
 
     def shutdown(self) -> None:
         for pool in self.pools:
@@ -322,6 +486,7 @@ class RayGrid(Grid):
                 ray.kill(actor, no_restart=True)
             pool.actors.clear()
             pool.idle.clear()
+            pool.lines.clear()
 
 
 def start_ray(address: str | None = None, num_cpus: float | None = None, quiet: bool = True) -> None:

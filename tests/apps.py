@@ -24,3 +24,45 @@ def probe(message: Message, context: Context) -> Message:
     }
     arrays = message.content.array_records["arrays"]
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=message)
+
+
+echo_app = ClientApp()
+
+
+@echo_app.train()
+def echo_train(message: Message, context: Context) -> Message:
+    """The trivial client of the engine benchmark: echo the arrays with a few metrics, no Ray calls."""
+    metrics = {
+        "num-examples": 1,
+        "partition-id": int(context.node_config.get("partition-id", -1)),
+        "train-loss": 0.0,
+    }
+    arrays = message.content.array_records["arrays"]
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=message)
+
+
+@echo_app.evaluate()
+def echo_evaluate(message: Message, context: Context) -> Message:
+    """Evaluation counterpart of :func:`echo_train`: metrics only."""
+    metrics = {"num-examples": 1, "eval-loss": 0.0}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+
+
+fault_app = ClientApp()
+
+
+@fault_app.train()
+def fault_train(message: Message, context: Context) -> Message:
+    """Misbehave as the message's config says: ``sleep`` seconds, then ``crash`` (the process exits) or
+    ``raise``; else reply with the process id and the partition id."""
+    import time
+
+    config = message.content.config_records.get("config", {})
+    time.sleep(float(config.get("sleep", 0.0)))
+    if config.get("crash", False):
+        os._exit(1)
+    if config.get("raise", False):
+        raise RuntimeError("asked to raise")
+    pid = int(context.node_config["partition-id"])
+    metrics = {"num-examples": 1, "pid": os.getpid(), "partition-id": pid}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
