@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedeq.data import batches
 from fedeq.deq import DEQ
 from fedeq.models import ModelOutput
 
@@ -62,17 +63,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name not in ("cpu", "cuda"):
         raise ValueError(f"train.device must be one of auto, cpu, cuda (got {name!r})")
     return torch.device(name)
-
-
-def iterate_batches(
-    x: Tensor, y: Tensor, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Mini-batches of ``(x, y)`` already on their device (no DataLoader overhead)."""
-    n = x.shape[0]
-    order = torch.randperm(n, generator=generator).to(x.device) if shuffle else None
-    for start in range(0, n, batch_size):
-        idx = slice(start, start + batch_size) if order is None else order[start : start + batch_size]
-        yield x[idx], y[idx]
 
 
 def _as_tensors(x: Any, y: Any, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -156,7 +146,7 @@ def train_local(
     steps = samples = 0
     sim_used = 0.0
     for _ in range(epochs):
-        for xb, yb in iterate_batches(xt, yt, batch_size, shuffle=True, generator=gen):
+        for xb, yb in batches(xt, yt, batch_size, shuffle=True, generator=gen):
             call = overrides
             if randomize_budget and f_budget > 1:
                 call = {**overrides, "f_max_iter": int(torch.randint(1, f_budget + 1, (1,), generator=gen))}
@@ -219,7 +209,7 @@ def evaluate(
     if n == 0:
         return EvalStats(0, float("nan"), float("nan"), float("nan"), float("nan"))
     loss = correct = res = nfe = 0.0
-    for xb, yb in iterate_batches(xt, yt, batch_size):
+    for xb, yb in batches(xt, yt, batch_size):
         out = model(xb, **deq_overrides)
         loss += float(F.cross_entropy(out.logits, yb, reduction="sum"))
         correct += float((out.logits.argmax(dim=1) == yb).sum())
