@@ -6,8 +6,11 @@ clients never take another tier's resources. An actor loads the ClientApp once a
 (datasets, partitions, model objects) across calls, so the cost of a call is the client's own work.
 
 Messages go to the pool of their node's tier; replies come back in the order of the messages sent, so
-aggregation is deterministic. A call that runs past ``call_timeout_s`` wall-clock seconds is answered with an
-error reply and its actor is killed and replaced; a crashed actor is replaced too.
+aggregation is deterministic. While a pool has a backlog, each busy actor also holds its next call, so it
+starts it without a round trip through the driver. A call that runs past ``call_timeout_s`` wall-clock
+seconds is answered with an error reply and its actor is killed and replaced; a crashed actor is replaced
+too; calls queued behind either go back to the pool's queue. Data the driver prepares once (the partitions)
+reaches every actor through :meth:`RayGrid.set_actor_setup`.
 """
 
 from __future__ import annotations
