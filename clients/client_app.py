@@ -122,6 +122,21 @@ def _seed(cfg: Any, server_round: int, partition_id: int, stream: int) -> int:
     return zlib.crc32(f"{cfg.seed}/{server_round}/{partition_id}/{stream}".encode())
 
 
+def train_options(cfg: Any) -> dict[str, Any]:
+    """The ``train_local`` keyword arguments that come straight from ``cfg.train``."""
+    t = cfg.train
+    return {
+        "epochs": t.local_epochs,
+        "lr": t.lr,
+        "batch_size": t.batch_size,
+        "optimizer": t.optimizer,
+        "weight_decay": t.weight_decay,
+        "jac_reg": t.jac_reg,
+        "jac_reg_samples": t.jac_reg_samples,
+        "randomize_budget": t.randomize_budget,
+    }
+
+
 def is_online(cfg: Any, tier: Any, server_round: int, partition_id: int) -> bool:
     """Whether a sampled device answers this round: a seeded draw against its tier's availability."""
     if tier.availability >= 1.0:
@@ -165,15 +180,8 @@ def train(message: Message, context: Context) -> Message:
         model,
         data.x_train,
         data.y_train,
-        epochs=cfg.train.local_epochs,
-        lr=cfg.train.lr,
-        batch_size=cfg.train.batch_size,
-        optimizer=cfg.train.optimizer,
-        weight_decay=cfg.train.weight_decay,
+        **train_options(cfg),
         deq=deq,
-        jac_reg=cfg.train.jac_reg,
-        jac_reg_samples=cfg.train.jac_reg_samples,
-        randomize_budget=cfg.train.randomize_budget,
         proximal_mu=mu,
         seed=_seed(cfg, server_round, pid, 0),
         device=device,

@@ -558,7 +558,7 @@ def _sequential_loop(cfg: Any) -> list[tuple[int, float]]:
     import numpy as np
     import torch
 
-    from clients.client_app import tier_deq_settings
+    from clients.client_app import tier_deq_settings, train_options
     from fedeq.data import load_client_data, load_dataset
     from fedeq.models import build_model
     from fedeq.training import evaluate, resolve_device, train_local
@@ -582,10 +582,7 @@ def _sequential_loop(cfg: Any) -> list[tuple[int, float]]:
                 model,
                 data.x_train,
                 data.y_train,
-                epochs=cfg.train.local_epochs,
-                lr=cfg.train.lr,
-                batch_size=cfg.train.batch_size,
-                optimizer=cfg.train.optimizer,
+                **train_options(cfg),
                 deq=deq,
                 seed=rnd * 100_003 + pid,
                 device=device,
