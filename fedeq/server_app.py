@@ -69,6 +69,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def reply_sim_time(cfg: Any, tier: Any, metrics: Mapping[str, Any], model_bytes: int) -> float:
+    """Simulated seconds of a client call from its reported metrics (see :mod:`fedeq.clock`)."""
+    return client_sim_time(
+        tier,
+        nfe_fwd=float(metrics.get("nfe-fwd", 0.0)),
+        nfe_bwd=float(metrics.get("nfe-bwd", 0.0)),
+        samples=float(metrics.get("samples", metrics.get("num-examples", 0))),
+        bytes_down=model_bytes,
+        bytes_up=model_bytes,
+        nfe_cost_s=cfg.devices.nfe_cost_s,
+    ).total_s
+
+
 class _RoundBook:
     """Turns the strategy's per-reply log into rows of ``rounds.csv`` and ``clients.csv``."""
 
@@ -106,15 +119,7 @@ class _RoundBook:
             tier = self.cfg.devices.tiers[int(tier_idx)] if tier_idx is not None else None
             sim = None
             if tier is not None and e["status"] in ("ok", "dropped"):
-                sim = client_sim_time(
-                    tier,
-                    nfe_fwd=float(e.get("nfe-fwd", 0.0)),
-                    nfe_bwd=float(e.get("nfe-bwd", 0.0)),
-                    samples=float(e.get("samples", e.get("num-examples", 0))),
-                    bytes_down=self.model_bytes,
-                    bytes_up=self.model_bytes,
-                    nfe_cost_s=self.cfg.devices.nfe_cost_s,
-                ).total_s
+                sim = reply_sim_time(self.cfg, tier, e, self.model_bytes)
             node = int(e["node_id"])
             ok = e["status"] == "ok"
             rows.append(
@@ -178,15 +183,7 @@ def deadline_check(cfg: Any, model_bytes: int) -> Callable[[Mapping[str, Any]], 
 
     def check(metrics: Mapping[str, Any]) -> tuple[str, str] | None:
         tier = tiers[int(metrics.get("tier", 0))]
-        t = client_sim_time(
-            tier,
-            nfe_fwd=float(metrics.get("nfe-fwd", 0.0)),
-            nfe_bwd=float(metrics.get("nfe-bwd", 0.0)),
-            samples=float(metrics.get("samples", metrics.get("num-examples", 0))),
-            bytes_down=model_bytes,
-            bytes_up=model_bytes,
-            nfe_cost_s=cfg.devices.nfe_cost_s,
-        ).total_s
+        t = reply_sim_time(cfg, tier, metrics, model_bytes)
         if t > deadline:
             return "dropped", f"deadline: simulated time {t:.3f}s > deadline_s={deadline:g}"
         return None
