@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import zlib
 from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -57,21 +58,65 @@ def _parse_config(text: str) -> Any:
 
 def run_config_of(message: Message, context: Context) -> Any:
     """The resolved fedeq config: from the message when the server sent one, else the run config."""
+    return _setup_of(message, context).cfg
+
+
+def _attribute_view(value: Any) -> Any:
+    """Plain Python copy of a config container with attribute access (reads are ~100x cheaper than
+    OmegaConf's, which matters on a per-call path)."""
+    if isinstance(value, dict):
+        return SimpleNamespace(**{k: _attribute_view(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return [_attribute_view(v) for v in value]
+    return value
+
+
+class RunSetup:
+    """Everything a call needs from one run's config, read once per process and config.
+
+    ``cfg`` is the validated OmegaConf config; ``view`` holds the same values as plain attributes.
+    """
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.view = _attribute_view(OmegaConf.to_container(cfg, resolve=True))
+        self.tier_names = [t.name for t in self.view.devices.tiers]
+        self.deq = [tier_deq_settings(self.view, t) for t in self.view.devices.tiers]
+        self.train = train_options(self.view)
+        self.adversarial = adversarial_from_config(self.view.train)
+        self.device = resolve_device(self.view.train.device)
+        self.model = model_for(cfg)
+        self._assignment: list[int] | None = None
+
+    def tier_index(self, node_config: Mapping[str, Any], partition_id: int) -> int:
+        """Tier of a node: node config ``tier`` (a name) wins, else the config's assignment of ids."""
+        if "tier" in node_config:
+            name = str(node_config["tier"])
+            if name not in self.tier_names:
+                raise ValueError(
+                    f"node config tier: unknown tier {name!r}; allowed: {', '.join(self.tier_names)}"
+                )
+            return self.tier_names.index(name)
+        if self._assignment is None:
+            self._assignment = assign_tiers(self.cfg)
+        return self._assignment[partition_id % self.view.num_clients]
+
+
+@functools.lru_cache(maxsize=8)
+def _setup_from_text(text: str) -> RunSetup:
+    return RunSetup(_parse_config(text))
+
+
+@functools.lru_cache(maxsize=8)
+def _setup_from_run_config(items: tuple[tuple[str, Any], ...]) -> RunSetup:
+    return RunSetup(config_from_run_config(dict(items)))
+
+
+def _setup_of(message: Message, context: Context) -> RunSetup:
     cfg_record = message.content.config_records.get("config")
     if cfg_record is not None and RUN_CONFIG_KEY in cfg_record:
-        return _parse_config(str(cfg_record[RUN_CONFIG_KEY]))
-    return config_from_run_config(dict(context.run_config))
-
-
-def tier_of(cfg: Any, node_config: Mapping[str, Any], partition_id: int) -> int:
-    """Tier index: node config ``tier`` (a name) wins, else the config's assignment of partition ids."""
-    names = [t.name for t in cfg.devices.tiers]
-    if "tier" in node_config:
-        name = str(node_config["tier"])
-        if name not in names:
-            raise ValueError(f"node config tier: unknown tier {name!r}; allowed: {', '.join(names)}")
-        return names.index(name)
-    return assign_tiers(cfg)[partition_id % cfg.num_clients]
+        return _setup_from_text(str(cfg_record[RUN_CONFIG_KEY]))
+    return _setup_from_run_config(tuple(sorted(context.run_config.items())))
 
 
 def tier_deq_settings(cfg: Any, tier: Any) -> dict[str, Any]:
@@ -104,13 +149,13 @@ def model_for(cfg: Any) -> nn.Module:
     return _cached_model((cfg.model.name, tuple(splits.input_shape), splits.num_classes, items))
 
 
-def _context(message: Message, context: Context) -> tuple[Any, int, int, int, Any]:
-    cfg = run_config_of(message, context)
+def _context(message: Message, context: Context) -> tuple[RunSetup, int, int, int, Any]:
+    setup = _setup_of(message, context)
     node_config = context.node_config
     partition_id = int(node_config.get("partition-id", 0))
-    num_partitions = int(node_config.get("num-partitions", cfg.num_clients))
-    tier_idx = tier_of(cfg, node_config, partition_id)
-    return cfg, partition_id, num_partitions, tier_idx, cfg.devices.tiers[tier_idx]
+    num_partitions = int(node_config.get("num-partitions", setup.view.num_clients))
+    tier_idx = setup.tier_index(node_config, partition_id)
+    return setup, partition_id, num_partitions, tier_idx, setup.view.devices.tiers[tier_idx]
 
 
 def _load_arrays(model: nn.Module, message: Message) -> None:
@@ -161,7 +206,8 @@ def partial_work_budget(cfg: Any, tier: Any, message: Message) -> float | None:
 def train(message: Message, context: Context) -> Message:
     """Train the received global model on the local partition under this device's budgets (adversarially,
     through the tier's DEQ settings, when ``train.adversarial`` or ``train.intermediate_states`` is set)."""
-    cfg, pid, num_parts, tier_idx, tier = _context(message, context)
+    setup, pid, num_parts, tier_idx, tier = _context(message, context)
+    cfg = setup.view
     config = message.content.config_records.get("config", {})
     server_round = int(config.get("server-round", 0))
     if not is_online(cfg, tier, server_round, pid):
@@ -170,22 +216,22 @@ def train(message: Message, context: Context) -> Message:
     fault = draw_fault(cfg.faults, _seed(cfg, server_round, pid, 2))
     before_training(fault, cfg.faults)
     data = load_client_data(cfg.data, pid, num_parts, cfg.seed)
-    device = resolve_device(cfg.train.device)
-    model = model_for(cfg)
+    device = setup.device
+    model = setup.model
     _load_arrays(model, message)
-    deq = tier_deq_settings(cfg, tier)
+    deq = setup.deq[tier_idx]
     mu = float(config.get("proximal-mu", cfg.train.proximal_mu))
     sim_budget = partial_work_budget(cfg, tier, message)
     stats = train_local(
         model,
         data.x_train,
         data.y_train,
-        **train_options(cfg),
+        **setup.train,
         deq=deq,
         proximal_mu=mu,
         seed=_seed(cfg, server_round, pid, 0),
         device=device,
-        adversarial=adversarial_from_config(cfg.train),
+        adversarial=setup.adversarial,
         sim_budget_s=sim_budget,
         sim_cost_s=cfg.devices.nfe_cost_s / tier.speed,
     )
@@ -215,13 +261,12 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_handler(message: Message, context: Context) -> Message:
     """Evaluate the received global model on the local validation split at this device's budget."""
-    cfg, pid, num_parts, tier_idx, tier = _context(message, context)
-    data = load_client_data(cfg.data, pid, num_parts, cfg.seed)
-    device = resolve_device(cfg.train.device)
-    model = model_for(cfg)
+    setup, pid, num_parts, tier_idx, _ = _context(message, context)
+    data = load_client_data(setup.view.data, pid, num_parts, setup.view.seed)
+    model = setup.model
     _load_arrays(model, message)
     with torch.no_grad():
-        st = evaluate(model, data.x_val, data.y_val, device=device, **tier_deq_settings(cfg, tier))
+        st = evaluate(model, data.x_val, data.y_val, device=setup.device, **setup.deq[tier_idx])
     model.to("cpu")
     metrics = {
         "num-examples": max(st.num_examples, 1),
