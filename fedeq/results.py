@@ -45,6 +45,7 @@ CLIENT_COLUMNS = (
     "train_loss",
     "val_loss",
     "compute_s",
+    "compute_cpu_s",
     "sim_time_s",
     "status",
     "reason",

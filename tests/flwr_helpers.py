@@ -82,6 +82,7 @@ def client_metrics(**overrides: int | float) -> dict[str, int | float]:
         "budget": 20.0,
         "tier": 0,
         "compute-s": 0.5,
+        "compute-cpu-s": 0.5,
         "val-loss": 1.2,
     }
     for key, value in overrides.items():

@@ -13,8 +13,9 @@ memory belongs to one run); the parent prints the tables and writes ``--csv``. S
     The default workload (``fedeq simulate`` defaults: 4 tiers, digits, Dirichlet) at 100 clients per
     round on fedeq's engine through ``run_ray_simulation``. Per round: the grid's train
     ``send_and_receive`` wall, the ClientApp's busy time per actor (measured inside the actors) and
-    ``compute_s`` (time in ``train_local``, from ``clients.csv``). Efficiency = Σ compute_s / (wall ×
-    actors); the bottleneck view compares the round's wall with the slowest pool's summed time.
+    ``compute_s`` / ``compute_cpu_s`` (wall and CPU time in ``train_local``, from ``clients.csv``).
+    Efficiency = Σ compute_s / (wall × actors), and the machine's view Σ compute_cpu_s / (wall × cores);
+    the bottleneck view compares the round's wall with the slowest pool's summed time.
 ``scale``
     A synthetic npz (60,000 images, 8×8 by default), ``num_clients`` registered (default 1k, 3k, 10k),
     100 per round, 3 rounds, small model: start time (process start → first round dispatched, with its
@@ -378,6 +379,7 @@ def child_efficiency(spec: dict[str, Any]) -> dict[str, Any]:
                 prev[(st["pid"], key)] = st[key]
         rows = clients[clients["round"] == i]
         compute = {t: float(rows[rows.tier == t].compute_s.fillna(0).sum()) for t in tiers}
+        compute_cpu = {t: float(rows[rows.tier == t].compute_cpu_s.fillna(0).sum()) for t in tiers}
         per_round.append(
             {
                 "round": i,
@@ -386,6 +388,7 @@ def child_efficiency(spec: dict[str, Any]) -> dict[str, Any]:
                 "busy_s": busy,
                 "cpu_s": cpu,
                 "compute_s": compute,
+                "compute_cpu_s": compute_cpu,
                 "ok": int((rows.status == "ok").sum()),
                 "calls": r["messages"],
             }
@@ -778,6 +781,8 @@ def section_efficiency(args: argparse.Namespace, report: Report, tmp: Path) -> N
         compute = sum(sum(r["compute_s"].values()) for r in rounds)
         busy = sum(sum(r["busy_s"].values()) for r in rounds)
         cpu = sum(sum(r["cpu_s"].values()) for r in rounds)
+        train_cpu = sum(sum(r["compute_cpu_s"].values()) for r in rounds)
+        cores = res["cores"]
         slow_busy = sum(max(r["busy_s"][t] / sizes[t] for t in sizes) for r in rounds)
         slow_compute = sum(max(r["compute_s"][t] / sizes[t] for t in sizes) for r in rounds)
         values = {
@@ -786,7 +791,9 @@ def section_efficiency(args: argparse.Namespace, report: Report, tmp: Path) -> N
             "busy_over_grid": busy / (grid * actors),
             "slowest_pool_busy_over_grid": slow_busy / grid,
             "slowest_pool_compute_over_grid": slow_compute / grid,
-            "actor_cpu_over_grid_cores": cpu / (grid * res["cores"]),
+            "actor_cpu_over_grid_cores": cpu / (grid * cores),
+            "train_cpu_over_grid_cores": train_cpu / (grid * cores),
+            "train_cpu_over_round_cores": train_cpu / (wall * cores),
         }
         for metric, value in values.items():
             report.add("efficiency", "fedeq", metric, value, "ratio", label)
@@ -801,6 +808,7 @@ def section_efficiency(args: argparse.Namespace, report: Report, tmp: Path) -> N
                 f"{values['slowest_pool_busy_over_grid']:.0%}",
                 f"{values['slowest_pool_compute_over_grid']:.0%}",
                 f"{values['actor_cpu_over_grid_cores']:.0%}",
+                f"{values['train_cpu_over_grid_cores']:.0%} / {values['train_cpu_over_round_cores']:.0%}",
             ]
         )
 
@@ -818,6 +826,7 @@ def section_efficiency(args: argparse.Namespace, report: Report, tmp: Path) -> N
             "slowest pool busy/grid",
             "slowest pool compute/grid",
             f"actor CPU/(grid·{res['cores']} cores)",
+            f"training CPU/(wall·{res['cores']} cores): grid / whole",
         ],
         rows,
     )
