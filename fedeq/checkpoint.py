@@ -2,7 +2,7 @@
 
 A checkpoint holds the round, the global arrays, the strategy's state (its attributes, e.g. FedAdam's
 moments and the reply log), the RNG states of Python, NumPy and torch, and the results recorded so far. It is
-written atomically (temporary file + rename) after every round.
+written atomically (temporary file + rename) after every round, once its central evaluation is recorded.
 """
 
 from __future__ import annotations
@@ -65,5 +65,13 @@ def strategy_state(strategy: Any) -> dict[str, Any]:
     return {k: v for k, v in vars(strategy).items() if k not in TRANSIENT_ATTRIBUTES}
 
 
-def restore_strategy(strategy: Any, state: dict[str, Any]) -> None:
+def snapshot_strategy(strategy: Any) -> bytes:
+    """:func:`strategy_state` pickled now, so later changes to the strategy do not reach the snapshot."""
+    return pickle.dumps(strategy_state(strategy), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def restore_strategy(strategy: Any, state: dict[str, Any] | bytes) -> None:
+    """Put back a :func:`strategy_state` (or its :func:`snapshot_strategy` bytes)."""
+    if isinstance(state, bytes):
+        state = pickle.loads(state)
     vars(strategy).update(state)

@@ -26,7 +26,7 @@ from fedeq.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
-    strategy_state,
+    snapshot_strategy,
 )
 from fedeq.clock import client_sim_time
 from fedeq.config import RUN_CONFIG_KEY, assign_tiers, config_from_run_config, to_yaml
@@ -282,18 +282,26 @@ def run_server(
             )
         return MetricRecord(evals)
 
-    def checkpoint(server_round: int, global_arrays: ArrayRecord) -> None:
-        save_checkpoint(
-            out,
-            {
-                "round": server_round,
-                "arrays": arrays_to_numpy(global_arrays),
-                "strategy": strategy_state(strategy),
-                "recorder": recorder.state(),
-                "cum_sim": book.cum_sim,
-                "rng": rng_state(),
-            },
-        )
+    def end_of_round(server_round: int, global_arrays: ArrayRecord) -> Callable[[], None]:
+        # The strategy and the RNGs are captured now, before the next round touches them; the results and
+        # the checkpoint are written once the round's central evaluation has recorded its row.
+        strategy_snapshot = snapshot_strategy(strategy)
+        rng = rng_state()
+
+        def write_checkpoint() -> None:
+            save_checkpoint(
+                out,
+                {
+                    "round": server_round,
+                    "arrays": arrays_to_numpy(global_arrays),
+                    "strategy": strategy_snapshot,
+                    "recorder": recorder.state(),
+                    "cum_sim": book.cum_sim,
+                    "rng": rng,
+                },
+            )
+
+        return write_checkpoint
 
     t0 = time.perf_counter()
     result = run_rounds(
@@ -305,7 +313,8 @@ def run_server(
         train_config=ConfigRecord({RUN_CONFIG_KEY: config_yaml}),
         evaluate_config=ConfigRecord({RUN_CONFIG_KEY: config_yaml}),
         evaluate_fn=evaluate_global,
-        on_round_end=checkpoint,
+        on_round_end=end_of_round,
+        overlap=True,
         timeout=cfg.strategy.round_timeout_s or 3600.0,
     )
     torch.save(result.arrays.to_torch_state_dict(), out / "global_model.pt")

@@ -505,3 +505,76 @@ def test_every_builtin_runs_and_excludes_bad_clients(name: str) -> None:
         assert np.isfinite(value).all()
     assert not np.allclose(final["w"], initial["w"])
     assert strategy.round_counts[2] == {"ok": 4, "rejected": 2, "failed": 1}
+
+
+# ---------------------------------------------------------------------------- round loop
+
+
+def _run_rounds_recording(overlap: bool, fail_at: int | None = None):  # type: ignore[no-untyped-def]
+    import random
+    import threading
+
+    from fedeq.rounds import run_rounds
+
+    random.seed(0)  # the strategy samples its clients with Python's RNG
+
+    events: list[tuple[str, int, str]] = []
+    evaluated: dict[int, dict[str, np.ndarray]] = {}
+
+    def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
+        if rnd == fail_at:
+            raise RuntimeError(f"evaluation of round {rnd} failed")
+        evaluated[rnd] = _numpy(arrays)
+        events.append(("evaluate", rnd, threading.current_thread().name))
+        return MetricRecord({"w-mean": float(evaluated[rnd]["w"].mean())})
+
+    def on_round_end(rnd: int, arrays: ArrayRecord):  # type: ignore[no-untyped-def]
+        events.append(("end", rnd, threading.current_thread().name))
+        return lambda: events.append(("finish", rnd, threading.current_thread().name))
+
+    initial = {"w": np.full((2, 3), 0.5, np.float32), "b": np.zeros(3, np.float32)}
+    grid = LocalGrid({n: _make_client(n) for n in range(1, 6)})
+    strategy = QualityWeightedFedAvg(quality="residual", temperature=0.5, min_available_nodes=5)
+    with task_identity(run_id=grid.run.run_id):
+        result = run_rounds(
+            strategy,
+            grid,
+            to_array_record(initial),
+            3,
+            evaluate_fn=evaluate_fn,
+            on_round_end=on_round_end,
+            overlap=overlap,
+            timeout=5,
+        )
+    return result, events, evaluated, strategy
+
+
+def test_overlapped_round_end_gives_the_same_run() -> None:
+    seq, seq_events, seq_eval, seq_strategy = _run_rounds_recording(overlap=False)
+    ovl, ovl_events, ovl_eval, ovl_strategy = _run_rounds_recording(overlap=True)
+    for key, value in _numpy(seq.arrays).items():
+        np.testing.assert_array_equal(_numpy(ovl.arrays)[key], value)
+    assert seq.evaluate_metrics_serverapp == ovl.evaluate_metrics_serverapp
+    assert sorted(ovl.evaluate_metrics_serverapp) == [0, 1, 2, 3]
+    for rnd, arrays in seq_eval.items():  # each evaluation saw its own round's model
+        for key, value in arrays.items():
+            np.testing.assert_array_equal(ovl_eval[rnd][key], value)
+    assert seq_strategy.client_log == ovl_strategy.client_log
+    # Sequentially everything runs in the caller's thread, in round order.
+    assert {name for *_, name in seq_events} == {"MainThread"}
+    # Overlapped: rounds 1-2 are evaluated and finished in the background thread, after their round end,
+    # each before the next round's end; the last round finishes in the caller's thread.
+    steps = [(kind, rnd) for kind, rnd, _ in ovl_events]
+    for r in (1, 2):
+        order = [steps.index((kind, r)) for kind in ("end", "evaluate", "finish")]
+        assert order == sorted(order) and order[-1] < steps.index(("end", r + 1))
+    threads = {(kind, rnd): name for kind, rnd, name in ovl_events}
+    assert threads[("evaluate", 1)].startswith("fedeq-round-end")
+    assert threads[("finish", 2)].startswith("fedeq-round-end")
+    assert threads[("evaluate", 3)] == "MainThread" and threads[("end", 1)] == "MainThread"
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_round_end_errors_propagate(overlap: bool) -> None:
+    with pytest.raises(RuntimeError, match="evaluation of round 1 failed"):
+        _run_rounds_recording(overlap=overlap, fail_at=1)
