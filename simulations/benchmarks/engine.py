@@ -117,6 +117,20 @@ def _tree_memory(root: int) -> dict[str, float]:
     return {"procs": len(peaks), "peak_sum_bytes": float(sum(peaks)), "rss_sum_bytes": float(sum(current))}
 
 
+def _tree_cpu(root: int) -> dict[int, float]:
+    """CPU seconds (user + system) used so far by each live descendant of ``root``, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for pid in _descendants(root):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
 def _pss(pid: int) -> int:
     """Proportional set size (bytes): shared pages split among the processes that map them."""
     try:
@@ -271,6 +285,13 @@ class _Probe:
         self.grid: Any = None
         self.final_stats: list[dict[str, Any]] = []
         self.tree: dict[str, float] = {}
+        self.snaps: list[dict[str, Any]] = []
+        """At each train dispatch and at the end: wall clock, driver CPU, CPU of every descendant."""
+
+    def snap(self) -> None:
+        self.snaps.append(
+            {"t": time.perf_counter(), "driver_cpu": time.process_time(), "tree_cpu": _tree_cpu(os.getpid())}
+        )
 
     def mark(self, name: str) -> None:
         self.marks.setdefault(name, time.time())
@@ -322,6 +343,7 @@ class _Probe:
             if not messages:
                 return send(messages, timeout=timeout)
             self.mark("first_dispatch")
+            self.snap()
             t0 = time.perf_counter()
             replies = send(messages, timeout=timeout)
             wall = time.perf_counter() - t0
@@ -331,6 +353,7 @@ class _Probe:
 
         def shutdown_probe() -> None:
             self.mark("end")
+            self.snap()
             self.final_stats = grid.actor_stats()
             self.tree = _tree_memory(os.getpid())
             shutdown()
@@ -394,7 +417,18 @@ def child_efficiency(spec: dict[str, Any]) -> dict[str, Any]:
             }
         )
     sizes = {t: sum(1 for st in probe.final_stats if st["tier"] == t) for t in tiers}
-    return {"rounds": per_round, "pool_sizes": sizes, "marks": probe.marks, "cores": os.cpu_count()}
+    actor_pids = sorted({st["pid"] for r in probe.rounds for st in r["actors"]})
+    snaps = [
+        {**sn, "tree_cpu": {str(pid): cpu for pid, cpu in sn["tree_cpu"].items()}} for sn in probe.snaps
+    ]
+    return {
+        "rounds": per_round,
+        "pool_sizes": sizes,
+        "marks": probe.marks,
+        "cores": os.cpu_count(),
+        "snaps": snaps,
+        "actor_pids": actor_pids,
+    }
 
 
 def make_npz(path: Path, n: int, size: int, seed: int = 0) -> None:
@@ -757,6 +791,44 @@ def section_overhead(args: argparse.Namespace, report: Report) -> None:
     )
 
 
+def _cpu_budget(res: dict[str, Any], report: Report) -> None:
+    """Where the machine's CPU went from the start of round 2 to the end: wall × cores split into local
+    training, the rest of the ClientApp, the actors outside the ClientApp (Ray's worker, message
+    (de)serialisation), the driver (ServerApp, strategy, engine), Ray's own processes, and idle."""
+    snaps = res["snaps"]
+    if len(snaps) < 3:
+        return
+    first, last = snaps[1], snaps[-1]
+    steady = res["rounds"][1:]
+    actor_pids = {str(pid) for pid in res["actor_pids"]}
+
+    def delta(group: set[str] | None) -> float:
+        pids = set(last["tree_cpu"]) | set(first["tree_cpu"])
+        chosen = [p for p in pids if (p in group if group is not None else p not in actor_pids)]
+        return sum(last["tree_cpu"].get(p, 0.0) - first["tree_cpu"].get(p, 0.0) for p in chosen)
+
+    capacity = (last["t"] - first["t"]) * res["cores"]
+    training = sum(sum(r["compute_cpu_s"].values()) for r in steady)
+    app = sum(sum(r["cpu_s"].values()) for r in steady)
+    actors = delta(actor_pids)
+    parts = {
+        "local training (train_local)": training,
+        "ClientApp outside training": app - training,
+        "actors outside the ClientApp": actors - app,
+        "driver (ServerApp, strategy, engine)": last["driver_cpu"] - first["driver_cpu"],
+        "Ray's own processes": delta(None),
+    }
+    parts["idle"] = capacity - sum(parts.values())
+    rows = [[name, f"{value:.1f}", f"{value / capacity:.0%}"] for name, value in parts.items()]
+    for name, value in parts.items():
+        report.add("efficiency", "fedeq", f"cpu_share:{name}", value / capacity, "ratio")
+    _table(
+        f"CPU budget, rounds 2-{len(res['rounds'])}: {capacity:.1f} CPU-s = wall × {res['cores']} cores",
+        ["where", "CPU s", "share"],
+        rows,
+    )
+
+
 def section_efficiency(args: argparse.Namespace, report: Report, tmp: Path) -> None:
     overrides = list(args.eff_overrides)
     res = run_child(
@@ -830,6 +902,7 @@ def section_efficiency(args: argparse.Namespace, report: Report, tmp: Path) -> N
         ],
         rows,
     )
+    _cpu_budget(res, report)
     per_tier = []
     steady = res["rounds"][1:]
     for t in sizes:
