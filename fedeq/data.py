@@ -3,6 +3,9 @@
 Datasets are loaded once per process and cached (many simulated clients share one process), then the
 training split is partitioned across clients with Flower Datasets partitioners. Cached arrays are marked
 read-only so that no client can corrupt the shared copy; index them (which copies) before mutating.
+Engines with long-lived worker processes load and partition once and install both in every worker
+(:func:`install_partitions`). scikit-learn, ``datasets`` and Flower Datasets are imported only where a
+dataset is split or partitioned, so a worker given both never loads them.
 """
 
 from __future__ import annotations
@@ -14,18 +17,14 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 import torch
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    Partitioner,
-    PathologicalPartitioner,
-)
-from sklearn.model_selection import train_test_split
+
+if TYPE_CHECKING:  # imported where used: worker processes that only train need neither (~150 MB, ~2 s)
+    import datasets
+    from flwr_datasets.partitioner import Partitioner
 
 __all__ = [
     "DATASETS",
@@ -33,6 +32,7 @@ __all__ = [
     "ClientData",
     "DatasetSplits",
     "batches",
+    "client_dataset",
     "client_partitions",
     "install_partitions",
     "load_client_data",
@@ -85,8 +85,18 @@ def load_dataset(
     """Load ``name`` (digits, mnist5k or npz) with a seeded, stratified test split; cached per arguments.
 
     ``path``/``test_path`` are used only by ``npz``; ``test_fraction`` is ignored when ``test_path`` is
-    given. Calls with equivalent arguments return the very same (read-only) object.
+    given. Calls with equivalent arguments return the very same (read-only) object: the one that
+    :func:`install_partitions` installed in this process, if any.
     """
+    key = _dataset_key(name, path, test_path, test_fraction, seed)
+    installed = _INSTALLED_DATASETS.get(key)
+    return installed if installed is not None else _load_dataset_cached(*key)
+
+
+def _dataset_key(
+    name: str, path: str | None, test_path: str | None, test_fraction: float, seed: int
+) -> tuple[str, str | None, str | None, float, int]:
+    """The arguments of :func:`load_dataset`, checked and normalised (absolute paths, unused fraction 0)."""
     key_name = str(name).strip().lower()
     if key_name not in DATASETS:
         raise ValueError(f"data.name: unknown dataset '{name}'; allowed: {', '.join(DATASETS)}")
@@ -103,7 +113,11 @@ def load_dataset(
             raise ValueError(f"data.test_fraction: must be in (0, 1), got {test_fraction}")
     else:
         tf = 0.0
-    return _load_dataset_cached(key_name, key_path, key_test, tf, int(seed))
+    return key_name, key_path, key_test, tf, int(seed)
+
+
+_INSTALLED_DATASETS: dict[tuple[Any, ...], DatasetSplits] = {}
+"""Datasets handed to this process by :func:`install_partitions`, keyed by :func:`_dataset_key`."""
 
 
 @functools.lru_cache(maxsize=16)
@@ -161,6 +175,8 @@ def _split(
     x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Seeded train/test split, stratified by label whenever that is feasible."""
+    from sklearn.model_selection import train_test_split
+
     try:
         parts = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
     except ValueError:
@@ -252,6 +268,8 @@ def partition_indices(
     partition_labels = labels[order]
 
     if scheme == "iid":
+        from flwr_datasets.partitioner import IidPartitioner
+
         partitioner: Partitioner = IidPartitioner(num_partitions=num_partitions)
     elif scheme == "dirichlet":
         if not float(alpha) > 0.0:
@@ -264,6 +282,8 @@ def partition_indices(
             )
         return _dirichlet(order, partition_labels, num_partitions, float(alpha), seed, min_size)
     else:
+        from flwr_datasets.partitioner import PathologicalPartitioner
+
         k = int(labels_per_client)
         classes = np.unique(labels)
         if not 1 <= k <= classes.size:
@@ -286,20 +306,96 @@ def partition_indices(
 
 
 def _make_dataset(order: np.ndarray, partition_labels: np.ndarray) -> datasets.Dataset:
+    import datasets
+
     return datasets.Dataset.from_dict({"label": partition_labels, "index": order.astype(np.int64)})
+
+
+def _loaded_partition(partitioner: Partitioner, pid: int) -> np.ndarray:
+    """Partition ``pid`` the ordinary way (``load_partition``): its sorted ``index`` column."""
+    table = partitioner.load_partition(pid).with_format("arrow")[:]
+    return np.sort(np.asarray(table["index"].to_numpy(), dtype=np.int64))
+
+
+def _computed_partitions(partitioner: Partitioner, order: np.ndarray) -> list[np.ndarray] | None:
+    """Every partition at once from what ``partitioner`` computed, or None for an unknown partitioner.
+
+    ``load_partition`` builds a new Arrow dataset per call (~1 ms, 10 s for 10,000 partitions), so this
+    reads the same rows directly: ``IidPartitioner`` takes contiguous shards (``Dataset.shard(...,
+    contiguous=True)``: the first ``n % num_partitions`` shards hold one row more, as ``np.array_split``),
+    and the Dirichlet and pathological partitioners keep the rows of every partition in
+    ``_partition_id_to_indices`` once they have determined them.
+    """
+    from flwr_datasets.partitioner import IidPartitioner
+
+    num = partitioner.num_partitions
+    index = order.astype(np.int64)
+    if type(partitioner) is IidPartitioner:
+        return [np.sort(shard) for shard in np.array_split(index, num)]
+    rows = getattr(partitioner, "_partition_id_to_indices", None)
+    if not getattr(partitioner, "_partition_id_to_indices_determined", False) or not isinstance(rows, dict):
+        return None
+    if sorted(rows) != list(range(num)):
+        return None
+    return [np.sort(index[np.asarray(rows[pid], dtype=np.int64)]) for pid in range(num)]
 
 
 def _run_partitioner(
     partitioner: Partitioner, order: np.ndarray, partition_labels: np.ndarray
 ) -> list[np.ndarray]:
+    """All partitions of ``partitioner`` over rows ``(label, index)``: sorted arrays of ``order``'s values.
+
+    The partitions are read at once (:func:`_computed_partitions`) and checked against the first and the
+    last partition loaded with ``load_partition``; if the check fails (say, a Flower Datasets release
+    stores them differently), every partition is loaded with ``load_partition``, the slow way.
+    """
     partitioner.dataset = _make_dataset(order, partition_labels)
-    out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        for pid in range(partitioner.num_partitions):
-            part = partitioner.load_partition(pid).with_format("numpy")
-            out.append(np.sort(np.asarray(part["index"], dtype=np.int64)))
-    return out
+        num = partitioner.num_partitions
+        probes = {pid: _loaded_partition(partitioner, pid) for pid in (0, num - 1)}
+        fast = _computed_partitions(partitioner, order)
+        if (
+            fast is not None
+            and len(fast) == num
+            and all(np.array_equal(fast[p], v) for p, v in probes.items())
+        ):
+            return fast
+        return [probes[pid] if pid in probes else _loaded_partition(partitioner, pid) for pid in range(num)]
+
+
+_DIRICHLET_ATTEMPTS = 11
+"""How many times ``DirichletPartitioner`` samples before it gives up (``sampling_try`` 0..10)."""
+
+
+def _dirichlet_first_fit(
+    partition_labels: np.ndarray, num_partitions: int, alpha: float, seed: int, min_size: int
+) -> tuple[int | None, np.ndarray]:
+    """Which of ``DirichletPartitioner``'s attempts first gives every partition ``min_size`` examples.
+
+    Returns ``(attempt or None, partition sizes of attempt 0)``. It replays the partitioner's sampling
+    (``shuffle=False, self_balancing=False``) on sizes only: per attempt and per class, in sorted class
+    order, one ``rng.dirichlet`` draw from the partitioner's seeded generator, the split points
+    ``(cumsum(p) * n_k).astype(int)`` and the slice lengths ``np.split`` gives — milliseconds where each
+    failed attempt of the partitioner itself takes ~1 s at 10,000 partitions (its warning finds the
+    smallest partitions in quadratic time).
+    """
+    rng = np.random.default_rng(seed)
+    alphas = np.array([alpha], dtype=float).repeat(num_partitions)
+    classes = sorted(np.unique(partition_labels).tolist())
+    counts = [int(np.count_nonzero(partition_labels == k)) for k in classes]
+    first_sizes = np.zeros(num_partitions, dtype=np.int64)
+    for attempt in range(_DIRICHLET_ATTEMPTS):
+        sizes = np.zeros(num_partitions, dtype=np.int64)
+        for n_k in counts:
+            cuts = (np.cumsum(rng.dirichlet(alphas)) * n_k).astype(int)[:-1]
+            bounds = np.clip(np.concatenate(([0], cuts, [n_k])), 0, n_k)
+            sizes += np.maximum(np.diff(bounds), 0)
+        if attempt == 0:
+            first_sizes = sizes
+        if int(sizes.min()) >= min_size:
+            return attempt, first_sizes
+    return None, first_sizes
 
 
 def _dirichlet(
@@ -310,31 +406,49 @@ def _dirichlet(
     seed: int,
     min_size: int,
 ) -> list[np.ndarray]:
-    """Dirichlet partitioning; if Flower's resampling cannot meet ``min_size``, top up small partitions."""
-    try:
-        partitioner = DirichletPartitioner(
+    """Dirichlet partitioning; if Flower's resampling cannot meet ``min_size``, top up small partitions.
+
+    That is: ``DirichletPartitioner(min_partition_size=min_size)``'s partitions when one of its attempts
+    meets ``min_size``; else those of its first attempt (``min_partition_size=0``) with small partitions
+    topped up from the largest. When :func:`_dirichlet_first_fit` finds that no attempt will meet
+    ``min_size`` (the rule at thousands of partitions of a few examples each), the doomed attempts are
+    skipped — after checking that the replayed sizes of attempt 0 are the partitioner's own.
+    """
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    def partitioner(min_partition_size: int) -> DirichletPartitioner:
+        return DirichletPartitioner(
             num_partitions=num_partitions,
             partition_by="label",
             alpha=alpha,
-            min_partition_size=min_size,
+            min_partition_size=min_partition_size,
             self_balancing=False,
             shuffle=False,
             seed=seed,
         )
-        return _run_partitioner(partitioner, order, partition_labels)
-    except ValueError as exc:
-        if "max number of attempts" not in str(exc):
-            raise
-    partitioner = DirichletPartitioner(
-        num_partitions=num_partitions,
-        partition_by="label",
-        alpha=alpha,
-        min_partition_size=0,
-        self_balancing=False,
-        shuffle=False,
-        seed=seed,
-    )
-    parts = [list(p) for p in _run_partitioner(partitioner, order, partition_labels)]
+
+    parts: list[np.ndarray] | None = None
+    if min_size > 0:
+        fit, first_sizes = _dirichlet_first_fit(partition_labels, num_partitions, alpha, seed, min_size)
+        if fit is None:
+            first = _run_partitioner(partitioner(0), order, partition_labels)
+            if np.array_equal([p.shape[0] for p in first], first_sizes):
+                parts = first
+    if parts is None:
+        try:
+            return _run_partitioner(partitioner(min_size), order, partition_labels)
+        except ValueError as exc:
+            if "max number of attempts" not in str(exc):
+                raise
+        parts = _run_partitioner(partitioner(0), order, partition_labels)
+    return _top_up(parts, num_partitions, seed, min_size)
+
+
+def _top_up(
+    parts_in: Sequence[np.ndarray], num_partitions: int, seed: int, min_size: int
+) -> list[np.ndarray]:
+    """Give every partition ``min_size`` examples, moving random ones from the largest partition."""
+    parts = [list(p) for p in parts_in]
     rng = np.random.default_rng([seed, 1])
     # Move random examples from the largest partition (max-heap with lazy updates); it always exceeds
     # min_size while some partition is below it, because n >= num_partitions * min_size.
@@ -488,14 +602,37 @@ def client_partitions(data_cfg: Any, num_partitions: int, seed: int) -> tuple[np
     return _cfg_partitions(data_cfg, num_partitions, seed)[1]
 
 
-def install_partitions(data_cfg: Any, num_partitions: int, seed: int, parts: Sequence[np.ndarray]) -> None:
-    """Make this process use ``parts`` for ``data_cfg`` instead of partitioning again.
+def client_dataset(data_cfg: Any, seed: int) -> DatasetSplits:
+    """The dataset (train/test split) that :func:`load_client_data` partitions, for ``data_cfg``."""
+    name, path, test_path, test_fraction, *_ = _cfg_args(data_cfg)
+    return load_dataset(name, path, test_path, test_fraction, seed)
+
+
+def install_partitions(
+    data_cfg: Any,
+    num_partitions: int,
+    seed: int,
+    parts: Sequence[np.ndarray],
+    splits: DatasetSplits | None = None,
+) -> None:
+    """Make this process use ``parts`` (and ``splits``, if given) for ``data_cfg`` instead of computing them.
 
     For engines that run many clients in long-lived worker processes: the driver computes
-    :func:`client_partitions` once and installs the result in every worker.
+    :func:`client_partitions` (and :func:`client_dataset`) once and installs the result in every worker.
+    A worker given the dataset neither reads the files nor splits them, so it never imports scikit-learn
+    (~150 MB per process); through Ray, its arrays are read-only views of the shared object store.
     """
     if len(parts) != int(num_partitions):
         raise ValueError(f"install_partitions: got {len(parts)} partitions, expected {int(num_partitions)}")
+    if splits is not None:
+        if not isinstance(splits, DatasetSplits):
+            raise TypeError(f"install_partitions: splits must be DatasetSplits, got {type(splits).__name__}")
+        name, path, test_path, test_fraction, *_ = _cfg_args(data_cfg)
+        key = _dataset_key(name, path, test_path, test_fraction, seed)
+        for a in (splits.x_train, splits.y_train, splits.x_test, splits.y_test):
+            if a.flags.writeable:
+                a.flags.writeable = False
+        _INSTALLED_DATASETS[key] = splits
     frozen = tuple(np.asarray(p, dtype=np.int64) for p in parts)
     for p in frozen:
         if p.flags.writeable:

@@ -13,7 +13,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedeq.config import assign_tiers, to_run_config
-from fedeq.data import client_partitions, install_partitions
+from fedeq.data import client_dataset, client_partitions, install_partitions
 from fedeq.ray_grid import RayGrid, pool_sizes, start_ray
 from fedeq.server_app import run_server
 
@@ -61,13 +61,16 @@ def make_grid(cfg: Any) -> RayGrid:
 
 
 def share_partitions(grid: RayGrid, cfg: Any) -> None:
-    """Partition the data once, here, and install the partitions in every actor of ``grid``.
+    """Load and partition the data once, here, and install both in every actor of ``grid``.
 
-    Without this every actor would repeat the partitioning on its first call (tens of seconds for 10,000
-    clients); the driver needs the partitions anyway (``run_server`` records their sizes).
+    Without this every actor would repeat the partitioning on its first call, and load and split the
+    dataset itself (importing scikit-learn, ~150 MB per actor); the driver needs both anyway
+    (``run_server`` records the partition sizes and evaluates on the test split). The arrays go through
+    Ray's object store once; the actors read them in place.
     """
+    splits = client_dataset(cfg.data, cfg.seed)
     parts = client_partitions(cfg.data, cfg.num_clients, cfg.seed)
-    grid.set_actor_setup(install_partitions, (cfg.data, cfg.num_clients, cfg.seed, parts))
+    grid.set_actor_setup(install_partitions, (cfg.data, cfg.num_clients, cfg.seed, parts, splits))
 
 
 def run_ray_simulation(cfg: Any, out: Path, quiet: bool = False, resume: bool = False) -> None:

@@ -287,6 +287,59 @@ def test_client_data_small_partition_and_omegaconf() -> None:
         load_client_data(cfg, 700, 700, 0)
 
 
+def test_installed_dataset_and_partitions_are_used(digits: DatasetSplits) -> None:
+    """A worker given the driver's dataset and partitions uses them instead of loading its own."""
+    from fedeq import data
+
+    cfg = DataCfg(name="npz", path="/nonexistent/data.npz", partition="iid", val_fraction=0.25)
+    rng = np.random.default_rng(0)
+    x = rng.random((20, 1, 2, 2), dtype=np.float32)
+    y = np.arange(20, dtype=np.int64) % 3
+    splits = DatasetSplits("npz", x, y, x[:4], y[:4], num_classes=3)
+    parts = tuple(np.arange(i * 5, i * 5 + 5, dtype=np.int64) for i in range(4))
+    try:
+        data.install_partitions(cfg, 4, 7, parts, splits)
+        assert load_dataset("npz", "/nonexistent/data.npz", None, 0.2, 7) is splits
+        assert data.client_dataset(cfg, 7) is splits
+        assert not x.flags.writeable  # installed arrays are frozen like loaded ones
+        assert partition_sizes(cfg, 4, 7) == [5] * 4
+        cd = load_client_data(cfg, 2, 4, 7)
+        assert sorted(cd.y_train.tolist() + cd.y_val.tolist()) == sorted(y[10:15].tolist())
+        with pytest.raises(ValueError, match="does not exist"):  # other seeds are not installed
+            load_dataset("npz", "/nonexistent/data.npz", None, 0.2, 8)
+        with pytest.raises(TypeError, match="DatasetSplits"):
+            data.install_partitions(cfg, 4, 7, parts, (x, y))
+    finally:
+        data._INSTALLED_DATASETS.clear()
+        data._INSTALLED_PARTITIONS.clear()
+    assert load_dataset("digits") is digits
+
+
+def test_workers_do_not_import_heavy_modules() -> None:
+    """The ClientApp's import and a client's data, once installed, need neither Flower Datasets,
+    Hugging Face ``datasets``, scikit-learn, pandas nor matplotlib (each Ray actor would carry them)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+import numpy as np
+import clients.client_app
+from fedeq import data
+from types import SimpleNamespace
+cfg = SimpleNamespace(name="npz", path="/nonexistent.npz", test_path=None, test_fraction=0.2,
+                      partition="dirichlet", alpha=0.5, labels_per_client=2, val_fraction=0.2)
+x = np.zeros((8, 1, 2, 2), dtype=np.float32); y = np.arange(8) % 2
+splits = data.DatasetSplits("npz", x, y, x, y, num_classes=2)
+data.install_partitions(cfg, 2, 0, (np.arange(4), np.arange(4, 8)), splits)
+data.load_client_data(cfg, 1, 2, 0)
+heavy = ("flwr_datasets", "datasets", "sklearn", "pandas", "matplotlib", "scipy", "pyarrow")
+print(sorted(m for m in heavy if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 # ---------------------------------------- tensors
 
 
