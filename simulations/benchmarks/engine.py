@@ -907,13 +907,31 @@ def section_efficiency(args: argparse.Namespace, report: Report, tmp: Path) -> N
     steady = res["rounds"][1:]
     for t in sizes:
         comp = sum(r["compute_s"][t] for r in steady)
+        comp_cpu = sum(r["compute_cpu_s"][t] for r in steady)
         busy = sum(r["busy_s"][t] for r in steady)
+        app_cpu = sum(r["cpu_s"][t] for r in steady)
         grid = sum(r["grid_wall_s"] for r in steady)
-        per_tier.append([t, str(sizes[t]), f"{comp:.1f}", f"{busy:.1f}", f"{busy / (grid * sizes[t]):.0%}"])
+        per_tier.append(
+            [
+                t,
+                str(sizes[t]),
+                f"{comp:.1f} / {comp_cpu:.1f}",
+                f"{busy:.1f} / {app_cpu:.1f}",
+                f"{busy / (grid * sizes[t]):.0%}",
+                f"{app_cpu / (grid * sizes[t]):.0%}",
+            ]
+        )
         report.add("efficiency", "fedeq", f"pool_busy_fraction:{t}", busy / (grid * sizes[t]), "ratio")
     _table(
         "Per pool, rounds 2.. (busy = time inside the ClientApp, measured in the actor)",
-        ["tier", "actors", "Σ compute s", "Σ busy s", "busy/(grid wall·actors)"],
+        [
+            "tier",
+            "actors",
+            "Σ compute s: wall / CPU",
+            "Σ busy s: wall / CPU",
+            "busy/(grid·actors)",
+            "CPU/(grid·actors)",
+        ],
         per_tier,
     )
 
