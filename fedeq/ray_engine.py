@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -60,29 +61,40 @@ def make_grid(cfg: Any) -> RayGrid:
     )
 
 
-def share_partitions(grid: RayGrid, cfg: Any) -> None:
-    """Load and partition the data once, here, and install both in every actor of ``grid``.
+def client_data(cfg: Any) -> tuple[Any, tuple[Any, ...]]:
+    """The dataset split and the client partitions of ``cfg`` (loaded and partitioned in this process)."""
+    return client_dataset(cfg.data, cfg.seed), client_partitions(cfg.data, cfg.num_clients, cfg.seed)
+
+
+def share_partitions(grid: RayGrid, cfg: Any, data: tuple[Any, tuple[Any, ...]] | None = None) -> None:
+    """Load and partition the data once, here (or take ``data`` from :func:`client_data`), and install
+    both in every actor of ``grid``.
 
     Without this every actor would repeat the partitioning on its first call, and load and split the
     dataset itself (importing scikit-learn, ~150 MB per actor); the driver needs both anyway
     (``run_server`` records the partition sizes and evaluates on the test split). The arrays go through
     Ray's object store once; the actors read them in place.
     """
-    splits = client_dataset(cfg.data, cfg.seed)
-    parts = client_partitions(cfg.data, cfg.num_clients, cfg.seed)
+    splits, parts = client_data(cfg) if data is None else data
     grid.set_actor_setup(install_partitions, (cfg.data, cfg.num_clients, cfg.seed, parts, splits))
 
 
 def run_ray_simulation(cfg: Any, out: Path, quiet: bool = False, resume: bool = False) -> None:
     """Run ``cfg`` with fedeq's Ray engine; results go to ``out``.
 
-    The actors start (importing torch and the ClientApp) while the driver partitions the data.
+    Start-up overlaps its three slow parts: a thread loads and partitions the data while Ray starts, and
+    the actors import torch and the ClientApp while the driver finishes with the data.
     """
     started_here = not ray.is_initialized()
-    grid = make_grid(cfg)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedeq-data")
+    try:
+        data = pool.submit(client_data, cfg)
+        grid = make_grid(cfg)
+    finally:
+        pool.shutdown(wait=False)
     try:
         grid.warm_up(wait=False)
-        share_partitions(grid, cfg)
+        share_partitions(grid, cfg, data.result())
         grid.wait_ready()
         with server_identity():
             run_server(grid, cfg, out_dir=out, quiet=quiet, resume=resume)
