@@ -26,7 +26,14 @@ import torch
 from torch import nn
 
 from fedeq.regularizers import jacobian_frobenius
-from fedeq.solvers import SOLVERS, SolverStats, check_solver_args, get_solver, solve
+from fedeq.solvers import (
+    SOLVERS,
+    SolverStats,
+    broyden_transpose_apply,
+    check_solver_args,
+    get_solver,
+    solve,
+)
 
 Tensor = torch.Tensor
 BACKWARD_MODES = ("ift", "phantom", "jfb", "broyden_reuse")
@@ -232,11 +239,8 @@ def _broyden_reuse_hook(
     fstats: SolverStats, s: DEQSettings, bstats: BackwardStats
 ) -> Callable[[Tensor], Tensor]:
     def hook(w: Tensor) -> Tensor:
-        U, V = fstats.broyden_factors  # type: ignore[misc]
         wf = w.reshape(w.shape[0], -1)
-        # -Bᵀ w = w - V (Uᵀ w); the vector goes on the left of each batched product (much faster on CPU).
-        c = torch.bmm(wf[:, None], U.to(w.dtype).mT)
-        g = torch.baddbmm(wf[:, None], c, V.to(w.dtype), alpha=-1)[:, 0]
+        g = broyden_transpose_apply(fstats.broyden_factors, wf)  # type: ignore[arg-type]  # -Bᵀ w
         fallback = ~(g.norm(dim=1) <= s.reuse_threshold * wf.norm(dim=1))
         g = torch.where(fallback[:, None], wf, g)
         bstats.fallback = fallback

@@ -19,13 +19,22 @@ Conventions shared by all solvers:
   solves do not synchronise on every step; statistics are kept on the device. On the CPU, where a host
   check costs nothing, the solvers also look at the batch after every evaluation so that steps in which no
   sample stops or misbehaves skip the masked updates.
+- Candidates are kept by reference, not copied: ``f`` must return a tensor that it does not modify later
+  (as any out-of-place PyTorch expression does). The returned iterate may be one of ``f``'s outputs.
+
+On the CPU the solvers keep their history buffers between calls (at most 64 MiB of idle ones per
+process), since a fresh multi-megabyte buffer per solve costs more in page faults than the solver's
+arithmetic; a Broyden solve's buffers stay reserved while its returned factors are alive.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import threading
+import weakref
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -52,8 +61,9 @@ class SolverStats:
     """An evaluation produced a non-finite value."""
     trace: list[Tensor] | None = None
     """Optional residual (stop mode) of every evaluation, each of shape (B,)."""
-    broyden_factors: tuple[Tensor, Tensor] | None = None
-    """Broyden only: ``(U, V)`` of shape (B, m, d) with ``J_g^{-1} ≈ -I + Σ_i u_i v_iᵀ`` (g(z) = f(z) - z)."""
+    broyden_factors: Sequence[Tensor] | None = None
+    """Broyden only: ``(U, V)`` of shape (B, m, d) with ``J_g^{-1} ≈ -I + Σ_i u_i v_iᵀ`` (g(z) = f(z) - z):
+    a tuple, or a :class:`BroydenFactors` that forms the pair on first access."""
     extra: dict = field(default_factory=dict)
 
     @property
@@ -82,11 +92,77 @@ def check_solver_args(max_iter: int, tol: float, stop_mode: str, prefix: str = "
         raise ValueError(f"{prefix}stop_mode must be one of {', '.join(STOP_MODES)} (got {stop_mode!r})")
 
 
+def _host_checks(z: Tensor) -> bool:
+    """Whether the solvers look at the batch on the host after every evaluation (the CPU, where it is
+    free); elsewhere they run the masked updates without synchronising."""
+    return z.device.type == "cpu"
+
+
 def _default_check_every(z: Tensor) -> int:
     return 1 if z.device.type == "cpu" else 4
 
 
 _INF = float("inf")
+
+
+class _Workspace:
+    """Solver buffers (Anderson's history, Broyden's residual basis, ...) kept between calls on the CPU.
+
+    A buffer of several megabytes allocated afresh on every solve costs a page fault per 4 KiB page on its
+    first touch, because the C allocator hands large freed blocks back to the operating system; at the
+    sizes of a DEQ layer that is as much time as the solver's own arithmetic. A solver takes a state
+    object (buffers and the views it uses) by key and gives it back when done; each state is owned by
+    one solve at a time, and a lock guards the pool, so concurrent and nested solves get distinct ones.
+    A state that a returned object still refers to (Broyden's factors) is *lent*: it is reused only once
+    that object is gone. At most ``max_bytes`` of idle states are kept, least recently used dropped first.
+    """
+
+    def __init__(self, max_bytes: int, max_lent: int = 16) -> None:
+        self.max_bytes = max_bytes
+        self.max_lent = max_lent
+        self._lock = threading.Lock()
+        self._idle: list[tuple[Hashable, Any, int]] = []
+        self._lent: list[tuple[Hashable, Any, int, weakref.ref]] = []
+
+    def take(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """An idle state stored under ``key``, else ``make()``."""
+        with self._lock:
+            for i in range(len(self._idle) - 1, -1, -1):
+                if self._idle[i][0] == key:
+                    return self._idle.pop(i)[1]
+            for i, (k, obj, _, user) in enumerate(self._lent):
+                if k == key and user() is None:
+                    del self._lent[i]
+                    return obj
+        with torch.inference_mode(False):  # normal tensors: usable in and out of inference mode later
+            return make()
+
+    def give(self, key: Hashable, obj: Any, nbytes: int, user: Any = None) -> None:
+        """Store ``obj`` for reuse; with ``user`` it is lent until ``user`` is garbage collected."""
+        if nbytes > self.max_bytes:
+            return
+        with self._lock:
+            if user is not None:
+                self._lent.append((key, obj, nbytes, weakref.ref(user)))
+                del self._lent[: -self.max_lent]
+                return
+            self._idle.append((key, obj, nbytes))
+            total = 0
+            for i in range(len(self._idle) - 1, -1, -1):
+                total += self._idle[i][2]
+                if total > self.max_bytes:
+                    del self._idle[: i + 1]
+                    break
+
+
+_WORKSPACE = _Workspace(max_bytes=64 * 2**20)
+_MIN_WIDTH = 20  # coefficient products at least this wide take PyTorch's BLAS path (see _BroydenViews)
+
+
+def _cached(x: Tensor) -> bool:
+    """Whether solver states for ``x``'s device are kept in :data:`_WORKSPACE` (the CPU only: other devices
+    have caching allocators)."""
+    return x.device.type == "cpu"
 
 
 class _Tracker:
@@ -97,58 +173,74 @@ class _Tracker:
     ``thresh`` holds each active sample's best score and ``-inf`` once it stopped, so one comparison both
     selects improved candidates and ignores frozen samples.
 
+    Candidates are kept by reference: ``f``'s outputs are never written to, and the best candidate is
+    replaced (never updated in place), so a step in which every sample improves costs no copy.
+
     On the CPU a host check costs nothing, so an evaluation where every sample improves and none stops
-    (the usual case) only copies the candidate; on other devices every step runs the general masked
-    update and the host looks at the batch every ``check_every`` evaluations only.
+    (the usual case) only takes a reference to the candidate; on other devices every step runs the general
+    masked update and the host looks at the batch every ``check_every`` evaluations only.
     """
 
     def __init__(self, z0: Tensor, max_iter: int, tol: float, stop_mode: str, keep_trace: bool) -> None:
         b = z0.shape[0]
         self.tol = tol
         self.rel = stop_mode == "rel"
-        self.host = z0.device.type == "cpu"
+        self.host = _host_checks(z0)
         self.keep_trace = keep_trace
-        self.best = z0.clone()
+        self.best = self.z0 = z0
         self.thresh = torch.full((b,), _INF, device=z0.device, dtype=z0.dtype)
         self.abs_tr = z0.new_empty(max_iter, b)
         self.rel_tr = z0.new_empty(max_iter, b) if self.rel else None
         self.k = 0
         self.diverged = torch.zeros(b, dtype=torch.bool, device=z0.device)
-        # Host-side knowledge (CPU only): has any sample stopped / diverged so far?
+        # Host-side knowledge (CPU only): has any sample stopped / diverged so far, and has every
+        # evaluation so far improved every sample (then the last candidate is each sample's best)?
         self.any_stopped = not self.host
         self.any_diverged = not self.host
+        self.all_improved = self.host
 
     def update(self, z: Tensor, fz: Tensor, out: Tensor | None = None) -> Tensor:
         """Score candidate ``fz`` (pre-image ``z``); return the residual vector ``fz - z`` (in ``out``)."""
+        gz = fz - z if out is None else torch.sub(fz, z, out=out)
+        self.score(fz, torch.linalg.vector_norm(gz, dim=1, out=self.abs_row()))
+        return gz
+
+    def abs_row(self) -> Tensor:
+        """Where the next residual norm ``||f(z) - z||`` goes (for callers that compute it themselves)."""
+        return self.abs_tr[self.k]
+
+    def score(self, fz: Tensor, r: Tensor) -> None:
+        """Score candidate ``fz`` whose residual norm ``r`` was written to :meth:`abs_row`."""
         k = self.k
         self.k += 1
-        gz = fz - z if out is None else torch.sub(fz, z, out=out)
-        r = self.last_abs = torch.linalg.vector_norm(gz, dim=1, out=self.abs_tr[k])
+        self.last_abs = r
         if self.rel:
             s = torch.div(r, torch.linalg.vector_norm(fz, dim=1).add_(_EPS), out=self.rel_tr[k])
         else:
             s = r
         thresh = self.thresh
         if self.host:
-            if not self.any_stopped and float((s - thresh).max()) < 0 and float(s.min()) > self.tol:
-                # Every sample improved (so is finite) and none stopped. The trace row is never written
-                # again, so it can serve as the threshold without a copy.
-                self.best.copy_(fz)
-                self.thresh = s
-                return gz
+            if self.all_improved:
+                if float((s - thresh).max()) < 0 and float(s.min()) > self.tol:
+                    # Every sample improved (so is finite) and none stopped. The trace row is never
+                    # written again, so it can serve as the threshold without a copy.
+                    self.best = fz
+                    self.thresh = s
+                    return
+                self.all_improved = False
             if math.isfinite(float(s.sum())):
                 # Nothing is non-finite: interpolating with 0/1 weights selects the improved candidates
                 # exactly (lerp returns `end` itself at weight 1), cheaper than a broadcast `where`.
                 better = s < thresh
-                self.best.lerp_(fz, better.to(fz.dtype)[:, None])
+                self.best = torch.lerp(self.best, fz, better.to(fz.dtype)[:, None])
                 stop = s <= self.tol
                 self.thresh = torch.where(better, s, thresh).masked_fill_(stop, -_INF)
                 if not self.any_stopped:
                     self.any_stopped = bool(stop.any())
-                return gz
+                return
         active = thresh > -_INF
         better = s < thresh  # False for NaN, inf and frozen samples (thresh = -inf)
-        torch.where(better[:, None], fz, self.best, out=self.best)
+        self.best = torch.where(better[:, None], fz, self.best)
         thresh = self.thresh = torch.where(better, s, thresh)
         stop = torch.nan_to_num(s, nan=0.0, posinf=0.0) <= self.tol  # converged or non-finite
         thresh.masked_fill_(stop, -_INF)
@@ -157,7 +249,6 @@ class _Tracker:
         if self.host:
             self.any_stopped = self.any_stopped or bool(stop.any())
             self.any_diverged = self.any_diverged or bool(div.any())
-        return gz
 
     @property
     def all_active(self) -> bool:
@@ -183,39 +274,57 @@ class _Tracker:
         k = self.k
         abs_tr = self.abs_tr[:k]
         score_tr = self.rel_tr[:k] if self.rel else abs_tr
-        finite = torch.isfinite(abs_tr)
-        stop = torch.nan_to_num(score_tr, nan=0.0, posinf=0.0) <= self.tol  # (k, B)
-        stopped = stop.any(dim=0)
-        first = stop.to(torch.uint8).argmax(dim=0)  # first stopping evaluation (0 when none)
-        nfe = torch.where(stopped, first + 1, torch.full_like(first, k))
-        finite_at_stop = finite.gather(0, first[None])[0]
-        steps = torch.arange(k, device=abs_tr.device)[:, None]
-        # The returned candidate is the first lowest finite score among the evaluations while active.
-        masked = torch.where((steps < nfe) & finite, score_tr, _INF)
-        idx = masked.argmin(dim=0, keepdim=True)
-        found = torch.isfinite(masked.gather(0, idx)[0])
-        # Samples whose every evaluation was non-finite keep z0 and report an infinite residual.
-        best_abs = torch.where(found, abs_tr.gather(0, idx)[0], _INF)
-        if self.rel:
-            best_rel = torch.where(found, score_tr.gather(0, idx)[0], _INF)
+        if self.host and not self.any_stopped:
+            # CPU, no sample stopped, so every score is finite: the best is the first lowest score, and the
+            # last one when every evaluation improved every sample.
+            b = abs_tr.shape[1]
+            nfe = torch.full((b,), k, dtype=torch.int64, device=abs_tr.device)
+            no = torch.zeros(b, dtype=torch.bool, device=abs_tr.device)
+            if self.all_improved:
+                best_abs = abs_tr[k - 1]
+                best_rel = score_tr[k - 1] if self.rel else None
+            else:
+                idx = score_tr.argmin(dim=0, keepdim=True)
+                best_abs = abs_tr.gather(0, idx)[0]
+                best_rel = score_tr.gather(0, idx)[0] if self.rel else None
+            trace = list(score_tr.unbind(0)) if self.keep_trace else None
+            converged, diverged = no, no.clone()
         else:
+            finite = torch.isfinite(abs_tr)
+            stop = torch.nan_to_num(score_tr, nan=0.0, posinf=0.0) <= self.tol  # (k, B)
+            stopped = stop.any(dim=0)
+            first = stop.to(torch.uint8).argmax(dim=0)  # first stopping evaluation (0 when none)
+            nfe = torch.where(stopped, first + 1, torch.full_like(first, k))
+            finite_at_stop = finite.gather(0, first[None])[0]
+            steps = torch.arange(k, device=abs_tr.device)[:, None]
+            # The returned candidate is the first lowest finite score among the evaluations while active.
+            masked = torch.where((steps < nfe) & finite, score_tr, _INF)
+            idx = masked.argmin(dim=0, keepdim=True)
+            found = torch.isfinite(masked.gather(0, idx)[0])
+            # Samples whose every evaluation was non-finite keep z0 and report an infinite residual.
+            best_abs = torch.where(found, abs_tr.gather(0, idx)[0], _INF)
+            best_rel = torch.where(found, score_tr.gather(0, idx)[0], _INF) if self.rel else None
+            trace = list(torch.where(finite, score_tr, float("nan")).unbind(0)) if self.keep_trace else None
+            converged, diverged = stopped & finite_at_stop, stopped & ~finite_at_stop
+        if best_rel is None:
             best_rel = best_abs / (torch.linalg.vector_norm(self.best, dim=1) + _EPS)
-        trace = None
-        if self.keep_trace:
-            trace = list(torch.where(finite, score_tr, float("nan")).unbind(0))
         stats = SolverStats(
             nfe=nfe,
             abs_residual=best_abs,
             rel_residual=best_rel,
-            converged=stopped & finite_at_stop,
-            diverged=stopped & ~finite_at_stop,
+            converged=converged,
+            diverged=diverged,
             trace=trace,
             **kwargs,
         )
-        return self.best.reshape(shape), stats
+        best = self.best.clone() if self.best is self.z0 else self.best  # never hand back the caller's z0
+        return best.reshape(shape), stats
 
 
 def _flat(f: Func, shape: torch.Size) -> Callable[[Tensor], Tensor]:
+    if len(shape) == 2:
+        return f
+
     def g(z: Tensor) -> Tensor:
         return f(z.reshape(shape)).reshape(shape[0], -1)
 
@@ -250,13 +359,19 @@ def fixed_point(
     z = z0.reshape(shape[0], -1)
     tr = _Tracker(z, max_iter, tol, stop_mode, keep_trace)
     every = check_every or _default_check_every(z)
+    last = max_iter - 1
+    key = ("fixed_point", *z.shape, z.dtype)
+    res = _WORKSPACE.take(key, lambda: z.new_empty(z.shape)) if _cached(z) else None  # residual buffer
     for k in range(max_iter):
         fz = g(z)
-        tr.update(z, fz)
-        if k == max_iter - 1 or ((k + 1) % every == 0 and tr.done()):
+        tr.update(z, fz, out=res if fz.dtype == z.dtype else None)
+        if k == last or ((k + 1) % every == 0 and tr.done()):
             break
         z = fz if damping == 1.0 else torch.lerp(z, fz, damping)
-        z = tr.keep_finite(z)
+        if tr.any_diverged:
+            z = tr.keep_finite(z)
+    if res is not None:
+        _WORKSPACE.give(key, res, res.numel() * res.element_size())
     return tr.stats(shape)
 
 
@@ -293,49 +408,107 @@ def anderson(
     x = z0.reshape(shape[0], -1)
     b, d = x.shape
     mem = min(m, max_iter)
-    # History buffers are left uninitialised: only the first n slots, all written, are ever read.
-    F = x.new_empty(b, mem, d)
-    G = x.new_empty(b, mem, d)  # residuals scaled to unit norm: G S with S = diag(1 / ||g_i||)
-    S = x.new_empty(b, mem, 1)
-    X = x.new_empty(b, mem, d) if beta != 1.0 else None  # past iterates are only needed when damping
-    H = x.new_empty(b, mem, mem)  # S GGᵀ S + (lam + eps) I, one row/column refreshed per step
+    key = ("anderson", b, d, mem, x.dtype, lam, beta != 1.0)
+    make = lambda: _AndersonState(x, mem, lam, beta != 1.0)  # noqa: E731
+    st = _WORKSPACE.take(key, make) if _cached(x) else make()
+    G, X = st.G, st.X
     tr = _Tracker(x, max_iter, tol, stop_mode, keep_trace)
     every = check_every or _default_check_every(x)
+    last = max_iter - 1
     for k in range(max_iter):
         fx = g(x)
         slot = k % mem
-        gx = tr.update(x, fx, out=G[:, slot])
-        if k == max_iter - 1 or ((k + 1) % every == 0 and tr.done()):
+        if k == last:
+            tr.update(x, fx, out=G[slot])
             break
         n = min(k + 1, mem)
-        F[:, slot] = fx
+        v = st.views.get((slot, n)) or st.make_views(slot, n)
+        torch.sub(fx, x, out=v.g_slot)
+        # Inner products of the new residual with the stored ones; its own gives its norm for the tracker.
+        row = torch.bmm(v.g_row, v.g_hist, out=v.row)  # (b, 1, n)
+        r = torch.sqrt(v.row_self, out=tr.abs_row())
+        tr.score(fx, r)
+        if (k + 1) % every == 0 and tr.done():
+            break
+        v.f_slot.copy_(fx)
         if X is not None:
-            X[:, slot] = x
-        # Jacobi scaling by 1/||g|| (as diag(GGᵀ)^{-1/2}, floored like it): the scaled system
-        # (S GGᵀ S + lam I) y' = S 1, y = S y' is the one in the docstring, better conditioned.
-        sc = torch.clamp_min(tr.last_abs, _EPS**0.5, out=S[:, slot, 0]).reciprocal_()
-        gx.mul_(sc[:, None])
-        row = torch.bmm(gx[:, None], G[:, :n].mT)[:, 0]
-        row.select(1, slot).add_(lam + _EPS)
-        H[:, slot, :n] = row
-        H[:, :n, slot] = row
+            v.x_slot.copy_(x)
+        # Jacobi scaling by S = diag(1/||g_i||) (floored): the scaled system (S GGᵀ S + lam I) y' = S 1,
+        # y = S y', is the one in the docstring, better conditioned. New row (and column) of the scaled
+        # matrix: s_k s_i <g_k, g_i> plus (lam + eps) on the diagonal.
+        torch.clamp_min(r, _EPS**0.5, out=v.s_slot).reciprocal_()
+        row = torch.addcmul(v.lam_row, row, v.s_row * v.s_new)
+        v.h_row.copy_(row)
+        v.h_col.copy_(row)
         if n == 1:
             x_new = fx if beta == 1.0 else torch.lerp(x, fx, beta)
         else:
-            A = H if n == mem else H[:, :n, :n]
-            if not tr.all_active:
-                A = torch.nan_to_num(A, nan=0.0, posinf=0.0, neginf=0.0)
-            Sn = S if n == mem else S[:, :n]
-            y = torch.linalg.solve_ex(A, Sn)[0].mul_(Sn)
+            A = v.h if tr.all_active else torch.nan_to_num(v.h, nan=0.0, posinf=0.0, neginf=0.0)
+            y = torch.linalg.solve_ex(A, v.s)[0].mul_(v.s)
             alpha = y.div_(y.sum(dim=1, keepdim=True)).mT  # (b, 1, n)
-            x_new = torch.bmm(alpha, F if n == mem else F[:, :n])[:, 0]
+            x_new = torch.bmm(alpha, v.f)[:, 0]
             if X is not None:
-                x_new = torch.lerp(torch.bmm(alpha, X[:, :n])[:, 0], x_new, beta)
-            ok = _finite_rows(x_new, tr.host)
+                x_new = torch.lerp(torch.bmm(alpha, v.x)[:, 0], x_new, beta)
+            if tr.host and tr.all_active:
+                # Every stored candidate is finite, so only non-finite weights make a non-finite mix.
+                ok = None if math.isfinite(alpha.sum()) else torch.isfinite(alpha.sum(dim=2))
+            else:
+                ok = _finite_rows(x_new, tr.host)
             if ok is not None:
                 x_new = torch.where(ok, x_new, fx)
-        x = tr.keep_finite(x_new)
+        x = tr.keep_finite(x_new) if tr.any_diverged else x_new
+    if _cached(x):
+        _WORKSPACE.give(key, st, st.nbytes)
     return tr.stats(shape)
+
+
+class _AndersonState:
+    """Anderson's buffers and their views, kept between solves of one size (see :class:`_Workspace`).
+
+    History slots are contiguous (mem, b, d) blocks that the batched products see as (b, n, d) views.
+    The buffers are left uninitialised: only the first n slots, all written in a solve, are ever read.
+    """
+
+    def __init__(self, x: Tensor, mem: int, lam: float, damped: bool) -> None:
+        b, d = x.shape
+        self.F = x.new_empty(mem, b, d)  # candidates f(x_i)
+        self.G = x.new_empty(mem, b, d)  # residuals g_i = f(x_i) - x_i
+        self.X = x.new_empty(mem, b, d) if damped else None  # past iterates, only when damping
+        self.S = x.new_empty(b, mem, 1)  # S = diag(1 / ||g_i||), floored
+        self.H = x.new_empty(b, mem, mem)  # S GGᵀ S + (lam + eps) I, one row/column refreshed per step
+        self.lam_eye = torch.eye(mem, dtype=x.dtype, device=x.device).mul_(lam + _EPS)[:, None]
+        self.rows = [x.new_empty(b, 1, n) for n in range(1, mem + 1)]  # <g_k, g_i> for each n
+        self.nbytes = (3 if damped else 2) * self.F.numel() * self.F.element_size()
+        self.views: dict[tuple[int, int], _AndersonViews] = {}
+
+    def make_views(self, slot: int, n: int) -> _AndersonViews:
+        with torch.inference_mode(False):  # views that later solves may write through, in any mode
+            v = self.views[slot, n] = _AndersonViews(self, slot, n)
+        return v
+
+
+class _AndersonViews:
+    """Views of Anderson's buffers for one (slot, n) (the new residual's slot, the number stored)."""
+
+    def __init__(self, st: _AndersonState, slot: int, n: int) -> None:
+        F, G, X, S, H = st.F, st.G, st.X, st.S, st.H
+        self.g_slot = G[slot]
+        self.g_row = G[slot][:, None]  # (b, 1, d)
+        self.g_hist = G[:n].permute(1, 2, 0)  # (b, d, n)
+        self.row = st.rows[n - 1]
+        self.row_self = self.row[:, 0, slot]  # ||g_k||²
+        self.f_slot = F[slot]
+        self.x_slot = None if X is None else X[slot]
+        self.s_slot = S[:, slot, 0]
+        self.s_new = S[:, slot : slot + 1]  # the same entries as (b, 1, 1)
+        self.s = S[:, :n]  # (b, n, 1)
+        self.s_row = S[:, :n].mT  # (b, 1, n)
+        self.lam_row = st.lam_eye[slot, :, :n]  # (1, n): (lam + eps) at the diagonal entry of the new row
+        self.h_row = H[:, slot : slot + 1, :n]
+        self.h_col = H[:, :n, slot : slot + 1].mT
+        self.h = H[:, :n, :n]
+        self.f = F[:n].transpose(0, 1)  # (b, n, d)
+        self.x = None if X is None else X[:n].transpose(0, 1)
 
 
 @torch.no_grad()
@@ -352,22 +525,224 @@ def broyden(
     """Limited-memory ("good") Broyden on ``g(z) = f(z) - z = 0``.
 
     The inverse Jacobian estimate is ``B = -I + U Vᵀ`` (rank ≤ ``m``, default ``max_iter``); the step is
-    ``Δz = -B g`` and the rank-one update is ``B ← B + (Δz - BΔg) Δzᵀ B / (Δzᵀ B Δg)``. The final factors
-    are returned in ``stats.broyden_factors`` for the ``broyden_reuse`` backward.
+    ``Δz = -B g`` and the rank-one update is ``B ← B + (Δz - BΔg) Δzᵀ B / (Δzᵀ B Δg)`` (skipped for a
+    sample whose denominator is below 1e-12 in magnitude). The final factors are returned in
+    ``stats.broyden_factors`` for the ``broyden_reuse`` backward.
 
-    Each step applies ``B`` and ``Bᵀ`` once: ``BΔg = B g_new - B g_old`` reuses the previous step's product,
-    and the next step ``-B_new g_new`` is that product plus the new rank-one term. When the memory is full
-    the oldest term is overwritten (the terms form a sum, so their order does not matter).
+    When the memory holds every update (``m`` is ``None`` or at least ``max_iter - 1``), every step, every
+    ``u_i`` and every ``v_i`` lies in the span of the residuals ``Q = [g_0, …, g_k]``, so the solver stores
+    only ``Q`` (written in place as each residual is scored) and coefficient matrices ``U = Cᵤ Q``,
+    ``V = Cᵥ Q``, with the Gram matrix ``QᵀQ`` for inner products: each step reads ``Q`` twice (``Qᵀ g`` and
+    the new iterate ``z - Q c``) instead of reading ``U`` and ``V`` twice each, and the other operations
+    act on ``(k × k)`` coefficients. ``stats.broyden_factors`` is then a :class:`BroydenFactors` that
+    forms ``(U, V)`` on first access. With a smaller ``m``, or with more evaluations than a sample has
+    entries (where the coefficients would outgrow the vectors), the factors are kept explicitly, the
+    oldest term being overwritten in place when the memory is full.
     """
     check_solver_args(max_iter, tol, stop_mode)
     mem = max_iter if m is None else m
     if mem < 1:
         raise ValueError(f"m must be an integer >= 1 (got {m!r})")
+    cap = min(mem, max(max_iter - 1, 1))  # at most max_iter - 1 updates happen
+    shape = z0.shape
+    if cap < max_iter - 1 or max_iter > shape[1:].numel():
+        return _broyden_explicit(f, z0, max_iter, tol, stop_mode, cap, keep_trace, check_every)
+    g = _flat(f, shape)
+    z = z0.reshape(shape[0], -1)
+    b, d = z.shape
+    key = ("broyden", b, d, max_iter, z.dtype)
+    make = lambda: _BroydenState(z, max_iter)  # noqa: E731
+    st = _WORKSPACE.take(key, make) if _cached(z) else make()
+    st.reset()
+    Q, dz, zero = st.Q, st.dz, st.zero
+    tr = _Tracker(z, max_iter, tol, stop_mode, keep_trace)
+    every = check_every or _default_check_every(z)
+    for k in range(max_iter):
+        v = st.views[k] if k < len(st.views) else st.make_views(k)
+        fz = g(z)
+        gz = torch.sub(fz, z, out=Q[k])
+        if tr.host:
+            # g_kᵀ Q: the new row of the Gram matrix; its last entry gives the residual norm.
+            h = torch.bmm(v.q_row, v.q_hist_t)  # (b, 1, N)
+            tr.score(fz, torch.sqrt(h[:, 0, k], out=tr.abs_row()))
+            if not tr.all_active:  # non-finite residuals are scored as such, then zeroed
+                gz.nan_to_num_()
+                h = torch.bmm(v.q_row, v.q_hist_t)
+        else:  # the device cannot know whether a residual is non-finite without synchronising
+            tr.score(fz, torch.linalg.vector_norm(gz, dim=1, out=tr.abs_row()))
+            gz.nan_to_num_()
+            h = torch.bmm(v.q_row, v.q_hist_t)
+        last = k == max_iter - 1 or ((k + 1) % every == 0 and tr.done())
+        v.m_row.copy_(h)
+        v.m_col.copy_(h)
+        h = v.h  # the same row, zero-padded to the width of the coefficient products
+        if k == 0:
+            bg = v.neg_e  # B g = -g_0
+        else:
+            # B g_k = -g_k + U (Vᵀ g_k) and v = Bᵀ Δz = -Δz + V (Uᵀ Δz), with Uᵀ Δz = Cᵤ Qᵀ Δz = Cᵤ M [Δz].
+            w = torch.bmm(v.dz, v.m)  # Qᵀ Δz (M is symmetric)
+            if k == 1:  # no stored term yet: B = -I
+                bg = v.neg_e
+                vt = torch.neg(v.dz)
+            else:  # with UVᵀ = Q Cᵤᵀ Cᵥ Qᵀ = Q K Qᵀ: [B g_k] = -e_k + K h and [Bᵀ Δz] = -[Δz] + Kᵀ w
+                bg = torch.baddbmm(v.neg_e, h, v.k.mT)
+                vt = torch.baddbmm(v.dz, w, v.k, beta=-1)
+            bdg = bg - v.bg_old  # B Δg = B g_k - B g_{k-1}
+            denom = torch.bmm(w, bdg.mT)  # Δzᵀ B Δg
+            vg = torch.bmm(h, vt.mT)  # vᵀ g_k
+            good = denom.abs() > _EPS  # else the update is skipped (u = v = 0)
+            u = torch.where(good, (v.dz - bdg) / denom, zero, out=v.cu_new)  # (Δz - BΔg) / denom
+            vt = torch.where(good, vt, zero, out=v.cv_new)
+            v.k.addcmul_(u.mT, vt)  # K += [u] [v]ᵀ
+            if not last:  # B_new g_k = B g_k + u (vᵀ g_k)
+                bg = torch.addcmul(bg, u, vg)
+        if last:
+            break
+        if k == 0:
+            z_new = fz  # z - B g = z + g_0
+            dz[:, :, 0] = 1.0  # Δz = g_0
+        else:
+            z_new = torch.baddbmm(z[:, None], bg[:, :, : k + 1], v.q_hist, alpha=-1)[:, 0]  # z - Q [B g]
+            torch.neg(bg, out=v.dz)  # Δz = -B g
+        ok = _finite_rows(z_new, tr.host)
+        if ok is not None:
+            z_new = torch.where(ok, z_new, fz)
+            v.dz.copy_(torch.where(ok[:, :, None], v.dz, -v.neg_e))  # Δz = g_k
+        if not tr.all_active:
+            # Frozen samples stop moving so their Broyden factors describe their returned point.
+            active = tr.active_mask()
+            z_new = torch.where(active[:, None], z_new, z)
+            v.dz.masked_fill_(~active[:, None, None], 0.0)
+        v.bg_old.copy_(bg)
+        z = tr.keep_finite(z_new) if tr.any_diverged else z_new
+    N = tr.k
+    n = N - 1
+    factors = BroydenFactors(Q[:N].transpose(0, 1), st.CU[:, :n, :N], st.CV[:, :n, :N], st.UV[:, :N, :N])
+    if _cached(z):
+        _WORKSPACE.give(key, st, st.nbytes, user=factors)
+    return tr.stats(shape, broyden_factors=factors)
+
+
+class _BroydenState:
+    """Broyden's residual basis, coefficients and their views, kept between solves of one size.
+
+    ``Q`` holds the residuals as contiguous (K, b, d) slots; ``M = QᵀQ``; row i of ``CU`` (``CV``) holds the
+    coefficients of ``u_i`` (``v_i``) over ``Q``; ``dz`` and ``bg_old`` those of the last step and of the
+    last ``B g``. Coefficient rows are zero beyond their length, so they are cleared for each solve.
+    """
+
+    def __init__(self, z: Tensor, K: int) -> None:
+        b, d = z.shape
+        self.K = K
+        self.Q = z.new_empty(K, b, d)  # uninitialised: only written slots are read
+        self.M = z.new_zeros(b, K, K)  # zero beyond the written rows/columns
+        self.CU = z.new_zeros(b, max(K - 1, 1), K)
+        self.CV = z.new_zeros(b, max(K - 1, 1), K)
+        self.UV = z.new_zeros(b, K, K)  # K = Cᵤᵀ Cᵥ, so that U Vᵀ = Q K Qᵀ
+        self.dz = z.new_zeros(b, 1, K)
+        self.bg_old = z.new_zeros(b, 1, K)
+        self.neg_eye = -torch.eye(K, dtype=z.dtype, device=z.device)[:, None]  # row k: coefficients of -g_k
+        self.zero = z.new_zeros(())
+        self.nbytes = sum(t.numel() * t.element_size() for t in (self.Q, self.M, self.CU, self.CV, self.UV))
+        self.views: list[_BroydenViews] = []
+        self.fresh = True
+
+    def reset(self) -> None:
+        if not self.fresh:
+            for t in (self.M, self.CU, self.CV, self.UV, self.dz, self.bg_old):
+                t.zero_()
+        self.fresh = False
+
+    def make_views(self, k: int) -> _BroydenViews:
+        with torch.inference_mode(False):  # views that later solves may write through, in any mode
+            while len(self.views) <= k:
+                self.views.append(_BroydenViews(self, len(self.views)))
+        return self.views[k]
+
+
+class _BroydenViews:
+    """Views of Broyden's buffers at evaluation ``k`` (basis g_0 … g_k, terms 0 … k - 2 stored).
+
+    The coefficient products use a width ``W ≥ k + 1`` of at least ``_MIN_WIDTH`` (the coefficients are
+    zero beyond ``k + 1``): PyTorch multiplies batches of matrices with fewer than 400 entries by a scalar
+    loop, several times slower than the BLAS call it makes for larger ones.
+    """
+
+    def __init__(self, st: _BroydenState, k: int) -> None:
+        N, n = k + 1, max(k - 1, 0)
+        W = min(st.K, max(N, _MIN_WIDTH))
+        self.q_row = st.Q[k][:, None]  # (b, 1, d)
+        self.q_hist_t = st.Q[:N].permute(1, 2, 0)  # (b, d, N)
+        self.q_hist = st.Q[:N].transpose(0, 1)  # (b, N, d)
+        self.m_row = st.M[:, k : k + 1, :N]
+        self.m_col = st.M[:, :N, k : k + 1].mT
+        self.h = st.M[:, k : k + 1, :W]
+        self.m = st.M[:, :W, :W]
+        self.k = st.UV[:, :W, :W]
+        self.cu_new, self.cv_new = st.CU[:, n : n + 1, :W], st.CV[:, n : n + 1, :W]
+        self.dz = st.dz[:, :, :W]
+        self.bg_old = st.bg_old[:, :, :W]
+        self.neg_e = st.neg_eye[k, :, :W]  # (1, W)
+
+
+class BroydenFactors(Sequence):
+    """Broyden's factors ``(U, V)`` kept as ``U = Cᵤ Q``, ``V = Cᵥ Q`` over the residual basis ``Q``
+    (``U Vᵀ = Q K Qᵀ`` with ``K = Cᵤᵀ Cᵥ``).
+
+    Behaves as the pair ``(U, V)`` (unpacking, indexing); the (B, m, d) tensors are formed on first
+    access. :func:`broyden_transpose_apply` uses ``Q`` and ``K`` directly without forming them. The
+    solver's buffers behind it are reused by later solves only once this object is gone.
+    """
+
+    def __init__(self, Q: Tensor, CU: Tensor, CV: Tensor, K: Tensor) -> None:
+        self._q, self._cu, self._cv, self._k = Q, CU, CV, K
+        self._uv: tuple[Tensor, Tensor] | None = None
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if self._uv is None:
+            self._uv = (torch.bmm(self._cu, self._q), torch.bmm(self._cv, self._q))
+        return self._uv[i]
+
+    def __repr__(self) -> str:
+        b, n, N = self._cu.shape
+        return f"BroydenFactors(batch={b}, terms={n}, basis={N}, dim={self._q.shape[2]})"
+
+
+def broyden_transpose_apply(factors: Sequence[Tensor], w: Tensor) -> Tensor:
+    """``-Bᵀ w = w - V (Uᵀ w)`` for ``w`` of shape (B, d), with ``B = -I + U Vᵀ`` from ``factors``."""
+    if isinstance(factors, BroydenFactors) and factors._uv is None:
+        Q = factors._q.to(w.dtype)
+        a = torch.bmm(w[:, None], Q.mT)  # Qᵀ w
+        return torch.baddbmm(w[:, None], torch.bmm(a, factors._k.to(w.dtype)), Q, alpha=-1)[:, 0]  # Q Kᵀ Qᵀ w
+    U, V = factors
+    # The vector goes on the left of each batched product (much faster than the other way on the CPU).
+    c = torch.bmm(w[:, None], U.to(w.dtype).mT)
+    return torch.baddbmm(w[:, None], c, V.to(w.dtype), alpha=-1)[:, 0]
+
+
+def _broyden_explicit(
+    f: Func,
+    z0: Tensor,
+    max_iter: int,
+    tol: float,
+    stop_mode: str,
+    cap: int,
+    keep_trace: bool,
+    check_every: int | None,
+) -> tuple[Tensor, SolverStats]:
+    """Broyden with at most ``cap < max_iter - 1`` explicit terms in circular buffers ``U``, ``V``.
+
+    Each step applies ``B`` and ``Bᵀ`` once: ``BΔg = B g_new - B g_old`` reuses the previous step's product,
+    and the next step ``-B_new g_new`` is that product plus the new rank-one term. When the memory is full
+    the oldest term is overwritten (the terms form a sum, so their order does not matter).
+    """
     shape = z0.shape
     g = _flat(f, shape)
     z = z0.reshape(shape[0], -1)
     b, d = z.shape
-    cap = min(mem, max(max_iter - 1, 1))  # at most max_iter - 1 updates happen
     U = z.new_empty(b, cap, d)  # uninitialised: only the n stored terms are read
     V = z.new_empty(b, cap, d)
     tr = _Tracker(z, max_iter, tol, stop_mode, keep_trace)

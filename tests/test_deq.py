@@ -241,3 +241,35 @@ def test_spectral_norm_estimate():
     w = torch.randn(30, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     est = spectral_norm_estimate(w, n_iter=200, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(est, torch.linalg.matrix_norm(w, 2), rtol=1e-6, atol=0)
+
+
+def test_broyden_reuse_with_residual_basis_factors():
+    # With fewer evaluations than entries per sample, Broyden keeps its factors over its residual basis;
+    # the reuse gradient must equal -Bᵀw formed from the explicit pair (U, V).
+    d = 40
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(d, d, generator=g, dtype=torch.float64)
+    w = 0.6 * w / torch.linalg.matrix_norm(w, 2)
+
+    class WideCell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(w.clone())
+
+        def forward(self, z, x):
+            return torch.tanh(z @ self.W.T + x)
+
+    x = torch.randn(B, d, generator=g, dtype=torch.float64).requires_grad_(True)
+    c = torch.randn(B, d, generator=g, dtype=torch.float64)
+    cell = WideCell()
+    deq = DEQ(
+        cell, solver="broyden", f_max_iter=20, tol=1e-10, backward="broyden_reuse", reuse_threshold=100.0
+    )
+    out = deq(x, torch.zeros_like(x))
+    (gx,) = torch.autograd.grad((out.z * c).sum(), [x])
+    assert not out.backward.fallback.any()
+    u, v = out.forward.broyden_factors
+    adj = c - torch.einsum("bnd,bn->bd", v, torch.einsum("bnd,bd->bn", u, c))  # -Bᵀ c
+    z = out.z.detach()
+    (ref,) = torch.autograd.grad(cell(z, x), [x], adj)
+    torch.testing.assert_close(gx, ref, rtol=1e-8, atol=1e-10)

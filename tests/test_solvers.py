@@ -128,3 +128,144 @@ def test_bad_arguments_raise(kwargs, match):
 def test_unknown_solver_option_raises():
     with pytest.raises(TypeError):
         solve(lambda z: z, torch.zeros(1, 2), "anderson", memory=3)
+
+
+# --- Broyden's residual-basis form and reused solver buffers ----------------------------------------------
+
+
+def _wide_problem(b: int = 5, d: int = 48, rho: float = 0.8, seed: int = 3):
+    """A contraction with more entries per sample than evaluations (Broyden keeps its residual basis)."""
+    w, c = _linear_problem(b, d, rho, seed)
+    return (lambda z: torch.tanh(z @ w.T + c)), torch.zeros_like(c)
+
+
+def test_broyden_residual_basis_matches_explicit_factors():
+    from fedeq.solvers import BroydenFactors, _broyden_explicit, broyden, broyden_transpose_apply
+
+    f, z0 = _wide_problem()
+    for max_iter in (1, 2, 5, 20):
+        z, st = broyden(f, z0, max_iter=max_iter, tol=1e-30, stop_mode="abs", keep_trace=True)
+        assert isinstance(st.broyden_factors, BroydenFactors)
+        z_ref, ref = _broyden_explicit(f, z0, max_iter, 1e-30, "abs", max(max_iter - 1, 1), True, None)
+        torch.testing.assert_close(z, z_ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(torch.stack(st.trace), torch.stack(ref.trace), rtol=1e-8, atol=1e-14)
+        assert torch.equal(st.nfe, ref.nfe)
+        w = torch.randn_like(z0)
+        expected = broyden_transpose_apply(ref.broyden_factors, w)
+        torch.testing.assert_close(
+            broyden_transpose_apply(st.broyden_factors, w), expected, rtol=1e-7, atol=1e-9
+        )
+        u, v = st.broyden_factors  # formed on first access, same shapes as the explicit ones
+        u_ref, v_ref = ref.broyden_factors
+        assert u.shape == v.shape == u_ref.shape == (z0.shape[0], max_iter - 1, z0.shape[1])
+        torch.testing.assert_close(u.mT @ v, u_ref.mT @ v_ref, rtol=1e-7, atol=1e-9)  # U Vᵀ per sample
+        # Once formed, the pair is used as is.
+        torch.testing.assert_close(
+            broyden_transpose_apply(st.broyden_factors, w), expected, rtol=1e-7, atol=1e-9
+        )
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_wide_per_sample_stopping_and_divergence(name):
+    # As the two tests above, with 64 entries per sample (Broyden keeps its residual basis).
+    c = torch.zeros(3, 64, dtype=torch.float64)
+    c[1] = torch.linspace(-1, 1, 64, dtype=torch.float64)
+
+    def f(z):
+        out = 0.5 * z + c
+        out[2] = torch.exp(z[2].abs() * 50 + 50)
+        return out
+
+    z, st = solve(f, torch.zeros_like(c), name, max_iter=30, tol=1e-8, stop_mode="abs")
+    assert st.nfe[0] == 1 and st.nfe[1] > 1
+    assert st.converged.tolist() == [True, True, False] and st.diverged.tolist() == [False, False, True]
+    assert torch.isfinite(z).all()
+    torch.testing.assert_close(z[1], 2 * c[1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_reused_buffers_give_identical_results(name, monkeypatch):
+    # Solver buffers are kept between calls on the CPU: a solve must not see what an earlier one left.
+    from fedeq import solvers
+
+    f, z0 = _wide_problem()
+    g, _ = _wide_problem(seed=4)
+    opts = {"m": 4} if name == "anderson" else {}
+    solve(g, z0 + 0.3, name, max_iter=12, tol=1e-30, **opts)
+    z1, s1 = solve(f, z0, name, max_iter=12, tol=1e-30, **opts)
+    monkeypatch.setattr(solvers, "_cached", lambda x: False)  # fresh buffers on every call
+    z2, s2 = solve(f, z0, name, max_iter=12, tol=1e-30, **opts)
+    assert torch.equal(z1, z2) and torch.equal(s1.abs_residual, s2.abs_residual)
+
+
+def test_broyden_factors_outlive_later_solves():
+    # The factors refer to the solver's buffers, which later solves of the same size must not overwrite.
+    f, z0 = _wide_problem()
+    g, _ = _wide_problem(seed=4)
+    _, st = solve(f, z0, "broyden", max_iter=10, tol=1e-30)
+    for _ in range(3):
+        solve(g, z0, "broyden", max_iter=10, tol=1e-30)
+    _, fresh = solve(f, z0, "broyden", max_iter=10, tol=1e-30)
+    w = torch.randn_like(z0)
+    from fedeq.solvers import broyden_transpose_apply
+
+    torch.testing.assert_close(
+        broyden_transpose_apply(st.broyden_factors, w), broyden_transpose_apply(fresh.broyden_factors, w)
+    )
+    u, v = st.broyden_factors
+    u2, v2 = fresh.broyden_factors
+    assert torch.equal(u, u2) and torch.equal(v, v2)
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_nested_solves_use_separate_buffers(name, monkeypatch):
+    # f itself runs a solver of the same size (a DEQ inside a DEQ): each solve needs its own buffers.
+    from fedeq import solvers
+
+    f, z0 = _wide_problem()
+
+    def outer(z):
+        return 0.5 * solve(f, z, name, max_iter=5, tol=1e-30)[0]
+
+    z, _ = solve(outer, z0, name, max_iter=8, tol=1e-30)
+    monkeypatch.setattr(solvers, "_cached", lambda x: False)
+    z_ref, _ = solve(outer, z0, name, max_iter=8, tol=1e-30)
+    assert torch.equal(z, z_ref)
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+@pytest.mark.parametrize("d", [3, 64])
+def test_device_path_matches_host_path(name, d, monkeypatch):
+    # GPUs take the path without host checks and without kept buffers; force it on the CPU and compare.
+    from fedeq import solvers
+
+    c = torch.zeros(4, d, dtype=torch.float64)
+    c[1] = torch.linspace(-1, 1, d, dtype=torch.float64)
+    c[3] = torch.linspace(1, 2, d, dtype=torch.float64)
+
+    def f(z):
+        out = torch.tanh(0.6 * z.roll(1, 1) + c)
+        out[2] = torch.exp(z[2].abs() * 50 + 50)  # diverges
+        return out
+
+    z0 = torch.zeros_like(c)
+    host = solve(f, z0, name, max_iter=25, tol=1e-9, stop_mode="abs")
+    monkeypatch.setattr(solvers, "_host_checks", lambda z: False)
+    monkeypatch.setattr(solvers, "_cached", lambda z: False)
+    device = solve(f, z0, name, max_iter=25, tol=1e-9, stop_mode="abs", check_every=4)
+    torch.testing.assert_close(device[0], host[0], rtol=0, atol=1e-12)
+    for field in ("nfe", "converged", "diverged"):
+        assert torch.equal(getattr(device[1], field), getattr(host[1], field)), field
+    assert host[1].diverged.tolist() == [False, False, True, False]
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_kept_buffers_work_in_and_out_of_inference_mode(name):
+    # A buffer first made under torch.inference_mode must stay writable by later ordinary solves.
+    f, z0 = _wide_problem(b=3, d=56)
+    with torch.inference_mode():
+        a, _ = solve(f, z0, name, max_iter=9, tol=1e-30)
+    b, _ = solve(f, z0, name, max_iter=9, tol=1e-30)
+    with torch.inference_mode():
+        c, _ = solve(f, z0, name, max_iter=9, tol=1e-30)
+    assert torch.equal(a, b) and torch.equal(b, c)
