@@ -38,15 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEQ = {"solver": "anderson", "f_max_iter": 10, "b_max_iter": 10, "tol": 1e-5}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models: one intra-op thread is much faster than oversubscribed shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     sp = load_dataset("digits")

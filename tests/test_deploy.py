@@ -229,6 +229,16 @@ def _wait_exit(proc: object, timeout: float) -> int | None:
     return proc.returncode()  # type: ignore[attr-defined]
 
 
+def _rejected_node_log(deployment: LocalDeployment, name: str, argv: list[str], home: Path) -> str:
+    """Start a SuperNode that the SuperLink must turn away; check it exits without an id; return its log."""
+    proc = deployment.registry.start(name, argv, env=flwr_env(home))
+    rc = _wait_exit(proc, 60)
+    log = proc.log_text()
+    assert rc not in (None, 0), log
+    assert "SuperNode ID:" not in log
+    return log
+
+
 @needs_flower
 @pytest.mark.slow
 @pytest.mark.timeout(120)
@@ -243,11 +253,7 @@ def test_supernode_with_unregistered_key_is_refused(deployment: LocalDeployment,
         private_key=rogue.private_key,
         max_retries=1,
     )
-    proc = deployment.registry.start("rogue-node", argv, env=flwr_env(tmp_path / "home"))
-    rc = _wait_exit(proc, 60)
-    log = proc.log_text()
-    assert rc not in (None, 0), log
-    assert "SuperNode ID:" not in log
+    log = _rejected_node_log(deployment, "rogue-node", argv, tmp_path / "home")
     assert "Failed to activate SuperNode" in log
 
 
@@ -268,11 +274,7 @@ def test_clients_without_the_ca_certificate_cannot_connect(
     )
     i = argv.index("--root-certificates")
     del argv[i : i + 2]  # a registered key, but the SuperLink's certificate cannot be verified
-    proc = deployment.registry.start("no-ca-node", argv, env=flwr_env(tmp_path / "home"))
-    rc = _wait_exit(proc, 60)
-    log = proc.log_text()
-    assert rc not in (None, 0), log
-    assert "SuperNode ID:" not in log
+    log = _rejected_node_log(deployment, "no-ca-node", argv, tmp_path / "home")
     assert "CERTIFICATE_VERIFY_FAILED" in log
 
     # The flwr CLI without the CA certificate cannot reach the Control API either.

@@ -15,14 +15,6 @@ from fedeq.parts import deq_parts
 TOL = 1e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _box_problem(seed: int = 0) -> tuple[InputProblem, torch.Tensor, MLPDEQ, torch.Tensor]:
     """``min_{x∈[0,1]^d} ½||h(z*) - t||² + ½μ||x||²`` on a small contractive MLP DEQ (float64)."""
     torch.manual_seed(seed)

@@ -44,6 +44,19 @@ def _ref_run_partitioner(
     return out
 
 
+def _dirichlet_partitioner(num_partitions: int, alpha: float, seed: int, min_size: int) -> Partitioner:
+    """Flower's Dirichlet partitioner as fedeq configures it."""
+    return DirichletPartitioner(
+        num_partitions=num_partitions,
+        partition_by="label",
+        alpha=alpha,
+        min_partition_size=min_size,
+        self_balancing=False,
+        shuffle=False,
+        seed=seed,
+    )
+
+
 def _ref_dirichlet(
     order: np.ndarray,
     partition_labels: np.ndarray,
@@ -53,15 +66,7 @@ def _ref_dirichlet(
     min_size: int,
 ) -> list[np.ndarray]:
     def make(min_partition_size: int) -> DirichletPartitioner:
-        return DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=alpha,
-            min_partition_size=min_partition_size,
-            self_balancing=False,
-            shuffle=False,
-            seed=seed,
-        )
+        return _dirichlet_partitioner(num_partitions, alpha, seed, min_partition_size)
 
     try:
         return _ref_run_partitioner(make(min_size), order, partition_labels)
@@ -179,15 +184,7 @@ def _flower_failed_attempts(
     partition_labels: np.ndarray, num_partitions: int, alpha: float, seed: int, min_size: int
 ) -> int | None:
     """How many attempts ``DirichletPartitioner`` itself needs before one fits (None: it gives up)."""
-    partitioner = DirichletPartitioner(
-        num_partitions=num_partitions,
-        partition_by="label",
-        alpha=alpha,
-        min_partition_size=min_size,
-        self_balancing=False,
-        shuffle=False,
-        seed=seed,
-    )
+    partitioner = _dirichlet_partitioner(num_partitions, alpha, seed, min_size)
     partitioner.dataset = datasets.Dataset.from_dict({"label": partition_labels})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

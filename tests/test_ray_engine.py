@@ -26,21 +26,12 @@ from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from fedeq.clock import client_sim_time  # noqa: E402
 from fedeq.config import RUN_CONFIG_KEY, load_config, to_yaml  # noqa: E402
 from fedeq.ray_engine import make_grid, server_identity  # noqa: E402
-from fedeq.ray_grid import RayGrid, start_ray  # noqa: E402
+from fedeq.ray_grid import RayGrid  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "simulations" / "configs" / "quick.yaml"
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    started = not ray.is_initialized()
-    start_ray(num_cpus=4)
-    yield
-    if started:
-        ray.shutdown()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
 
 def _quick(tmp_path: Path, *overrides: str):

@@ -15,20 +15,11 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict  # noqa: E40
 from flwr.common.constant import ErrorCode  # noqa: E402
 
 from fedeq.ray_engine import server_identity  # noqa: E402
-from fedeq.ray_grid import NODE_ID_OFFSET, RayGrid, start_ray  # noqa: E402
+from fedeq.ray_grid import NODE_ID_OFFSET, RayGrid  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
 TIER = SimpleNamespace(name="t", share=1.0, num_cpus=1.0, num_gpus=0.0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    started = not ray.is_initialized()
-    start_ray(num_cpus=4)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def _messages(*configs: dict) -> list[Message]:
