@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedeq.attacks import NORMS, AttackConfig, deq_cost, project, run_attack
+from fedeq.attacks import NORMS, AttackConfig, _EvalMode, _forward_budget, deq_cost, project, run_attack
 from fedeq.deq import DEQ
 from fedeq.models import ModelOutput
 from fedeq.parts import deq_parts, entropy
@@ -130,13 +130,6 @@ class AdversarialStep:
     nfe_bwd: float
 
 
-def _budget(model: nn.Module, deq: Mapping[str, Any]) -> int:
-    if deq.get("f_max_iter"):
-        return int(deq["f_max_iter"])
-    layer = getattr(model, "deq", None)
-    return layer.settings.f_max_iter if isinstance(layer, DEQ) else 1
-
-
 def _kl(p_logits: Tensor, q_logits: Tensor) -> Tensor:
     """Per-sample ``KL(p || q)`` from logits (``p`` treated as a constant target)."""
     logp = torch.log_softmax(p_logits, dim=1)
@@ -162,7 +155,7 @@ def adversarial_step(
     acfg = cfg.attack_config()
     k_call = call
     if cfg.intermediate_states:
-        k_max = _budget(model, call)
+        k_max = _forward_budget(model, call)
         if k_max > 1 and isinstance(getattr(model, "deq", None), DEQ):
             k = int(torch.randint(1, k_max + 1, (1,), generator=generator))
             k_call = {**call, "f_max_iter": k}
@@ -217,10 +210,6 @@ class EntropyDefense:
         return self.radius if self.radius is not None else self.stages * self.updates * self.step_size
 
 
-def _solver_args(settings: Any) -> tuple[str, float, str, dict[str, Any]]:
-    return settings.solver, settings.tol, settings.stop_mode, dict(settings.solver_options)
-
-
 def entropy_reduced_inputs(
     model: nn.Module,
     x: Tensor,
@@ -230,7 +219,7 @@ def entropy_reduced_inputs(
     """``(updated inputs, final logits)`` of the entropy-reducing input updates (module docstring)."""
     parts = deq_parts(model)
     s = parts.settings.override(**dict(deq or {}))
-    solver, tol, stop_mode, opts = _solver_args(s)
+    solver, tol, stop_mode, opts = s.solver, s.tol, s.stop_mode, dict(s.solver_options)
     stage_iters = defense.stage_iters or max(1, s.f_max_iter // max(defense.stages, 1))
     final_iters = defense.final_iters or s.f_max_iter
     lo, hi = defense.clamp
@@ -262,11 +251,7 @@ def entropy_predictor(
     """``x ↦ logits`` with entropy-reducing input updates (for ``robust_accuracy(predict=...)``)."""
 
     def predict(x: Tensor) -> Tensor:
-        was = model.training
-        model.eval()
-        try:
+        with _EvalMode(model):
             return entropy_reduced_inputs(model, x, defense, deq)[1]
-        finally:
-            model.train(was)
 
     return predict

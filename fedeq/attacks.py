@@ -168,9 +168,9 @@ def random_start(x: Tensor, epsilon: float, norm: str, generator: torch.Generato
         return ((2 * u - 1) * epsilon).to(x.device)
     g = torch.randn(shape, generator=generator, dtype=x.dtype)
     d = g[0].numel()
-    g = g / g.flatten(1).norm(dim=1).clamp_min(_EPS).view(-1, *([1] * (x.dim() - 1)))
+    g = g / _view(g.flatten(1).norm(dim=1).clamp_min(_EPS), x)
     r = torch.rand(shape[0], generator=generator, dtype=x.dtype) ** (1.0 / d) * epsilon
-    return (g * r.view(-1, *([1] * (x.dim() - 1)))).to(x.device)
+    return (g * _view(r, x)).to(x.device)
 
 
 def _forward_budget(model: nn.Module, deq: Mapping[str, Any]) -> int:
@@ -382,8 +382,6 @@ def robust_accuracy(
     if n == 0:
         nan = float("nan")
         return RobustStats(0, nan, nan, nan, nan, nan)
-    was_training = model.training
-    model.eval()
     deq = dict(deq or {})
     atk_deq = deq if attack_deq is None else {**deq, **dict(attack_deq)}
     gen = torch.Generator().manual_seed(seed)
@@ -395,7 +393,7 @@ def robust_accuracy(
             return model(xb, **deq).logits
 
     sums = np.zeros(5)  # clean correct, robust correct, clean loss, robust loss, perturbation
-    try:
+    with _EvalMode(model):
         for start in range(0, n, batch_size):
             xb, yb = xt[start : start + batch_size], yt[start : start + batch_size]
             res = run_attack(model, xb, yb, attack, deq=atk_deq, generator=gen)
@@ -408,7 +406,5 @@ def robust_accuracy(
                 float(F.cross_entropy(adv, yb, reduction="sum")),
                 float(_norms(res.x_adv - xb, attack.norm).sum()),
             )
-    finally:
-        model.train(was_training)
     s = sums / n
     return RobustStats(n, s[0], s[1], s[2], s[3], s[4])

@@ -192,10 +192,7 @@ class DEQ(nn.Module):
         if s.backward == "jfb":
             z_out = fz
         elif s.backward == "phantom":
-            steps = s.phantom_steps or s.b_max_iter
-            z_out = torch.lerp(z_in, fz, s.phantom_damping)
-            for _ in range(steps - 1):
-                z_out = torch.lerp(z_out, func(z_out, x), s.phantom_damping)
+            z_out, steps = phantom_unroll(lambda z: func(z, x), z_in, fz, s)
             graph_evals = steps
             bstats.nfe = steps
             bstats.ready = True
@@ -222,17 +219,37 @@ def _ift_hook(fz: Tensor, z_in: Tensor, s: DEQSettings, bstats: BackwardStats) -
             def adjoint(g: Tensor) -> Tensor:
                 return torch.autograd.grad(fz, z_in, g, retain_graph=True)[0] + w
 
-            g, st = solve(
-                adjoint, w, s.backward_solver, s.b_max_iter, s.backward_tol, s.stop_mode, **s.b_solver_options
-            )
+            return solve_backward(adjoint, w, s, bstats)
         finally:
             busy[0] = False
-        bstats.nfe = int(st.nfe.max())
-        bstats.abs_residual, bstats.rel_residual = st.abs_residual, st.rel_residual
-        bstats.ready = True
-        return g
 
     return hook
+
+
+def phantom_unroll(
+    step: Callable[[Tensor], Tensor], z_in: Tensor, fz: Tensor, s: DEQSettings
+) -> tuple[Tensor, int]:
+    """The ``phantom`` gradient path: ``k`` damped steps ``z ← (1-λ) z + λ step(z)`` from ``z_in`` whose first
+    evaluation ``fz = step(z_in)`` is given; returns ``(z_k, k)``."""
+    steps = s.phantom_steps or s.b_max_iter
+    z_out = torch.lerp(z_in, fz, s.phantom_damping)
+    for _ in range(steps - 1):
+        z_out = torch.lerp(z_out, step(z_out), s.phantom_damping)
+    return z_out, steps
+
+
+def solve_backward(
+    adjoint: Callable[[Tensor], Tensor], w: Tensor, s: DEQSettings, bstats: BackwardStats
+) -> Tensor:
+    """Solve the adjoint fixed point ``g = adjoint(g)`` from ``w`` with the backward solver and budget of
+    ``s``; its statistics go to ``bstats`` (which turns ``ready``)."""
+    g, st = solve(
+        adjoint, w, s.backward_solver, s.b_max_iter, s.backward_tol, s.stop_mode, **s.b_solver_options
+    )
+    bstats.nfe = int(st.nfe.max())
+    bstats.abs_residual, bstats.rel_residual = st.abs_residual, st.rel_residual
+    bstats.ready = True
+    return g
 
 
 def _broyden_reuse_hook(

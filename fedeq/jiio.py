@@ -164,21 +164,23 @@ def augmented_map(
 ) -> Callable[[Tensor], Tensor]:
     """``T`` on the stacked, flattened state ``s = [z, λ, x]`` of shape (B, 2·d_z + d_x)."""
     z_shape, x_shape = shapes
-    dz = int(torch.Size(z_shape[1:]).numel())
     count = [0]
 
     def T(s: Tensor) -> Tensor:
-        b = s.shape[0]
-        z = s[:, :dz].reshape(z_shape)
-        lam = s[:, dz : 2 * dz].reshape(z_shape)
-        x = s[:, 2 * dz :].reshape(x_shape)
+        z, lam, x = _split(s, z_shape, x_shape)
         fz, lam_new, x_new, _, _ = _evaluate(problem, z, lam, x, alpha)
         count[0] += 1
         if history is not None:
             history.append((time.perf_counter() - t0, count[0], x_new.clone()))
-        return torch.cat([fz.reshape(b, -1), lam_new.reshape(b, -1), x_new.reshape(b, -1)], dim=1)
+        return _stack(fz, lam_new, x_new)
 
     return T
+
+
+def _stack(z: Tensor, lam: Tensor, x: Tensor) -> Tensor:
+    """The stacked, flattened state ``[z, λ, x]`` (inverse of :func:`_split`)."""
+    b = x.shape[0]
+    return torch.cat([z.reshape(b, -1), lam.reshape(b, -1), x.reshape(b, -1)], dim=1)
 
 
 def _split(s: Tensor, z_shape: torch.Size, x_shape: torch.Size) -> tuple[Tensor, Tensor, Tensor]:
@@ -210,8 +212,7 @@ def jiio(
     x0 = problem.proj(x0.detach())
     z_start = problem.initial_state(x0) if z0 is None else z0.detach()
     lam_start = torch.zeros_like(z_start) if lam0 is None else lam0.detach()
-    b = x0.shape[0]
-    s0 = torch.cat([z_start.reshape(b, -1), lam_start.reshape(b, -1), x0.reshape(b, -1)], dim=1)
+    s0 = _stack(z_start, lam_start, x0)
     history: list[tuple[float, int, Tensor]] | None = [] if record else None
     T = augmented_map(problem, (z_start.shape, x0.shape), step_size, history, t0)
     s, stats = solve(T, s0, solver, max_iter, tol, stop_mode, **solver_options)
@@ -288,7 +289,7 @@ def naive_input_optimization(
         vjps += nb
         x_new = problem.proj(x - a * gx)
         steps += 1
-        gm = (x_new - x).flatten(1).norm(dim=1) / (torch.as_tensor(step_size, dtype=x.dtype) + 0.0)
+        gm = (x_new - x).flatten(1).norm(dim=1) / torch.as_tensor(step_size, dtype=x.dtype)
         x = x_new
         if history is not None:
             history.append((time.perf_counter() - t0, f_evals, x.clone()))

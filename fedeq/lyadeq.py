@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
 from fedeq.deq import DEQ, DEQOutput
-from fedeq.models import ModelOutput
+from fedeq.models import ModelOutput, _get, _prod
 
 Tensor = torch.Tensor
 Context = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -136,8 +136,4 @@ class LyaDEQ(nn.Module):
 
 def build_lyadeq(input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any]) -> nn.Module:
     """Registry factory: ``hidden`` from ``cfg`` (default 64)."""
-    n = 1
-    for s in input_shape:
-        n *= int(s)
-    hidden = getattr(cfg, "hidden", 64) if cfg is not None else 64
-    return LyaDEQ(n, num_classes, hidden=int(hidden), **deq)
+    return LyaDEQ(int(_prod(input_shape)), num_classes, hidden=int(_get(cfg, "hidden", 64)), **deq)

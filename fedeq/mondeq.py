@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedeq.deq import BackwardStats, DEQOutput, DEQSettings
-from fedeq.models import ModelOutput
+from fedeq.deq import BackwardStats, DEQOutput, DEQSettings, phantom_unroll, solve_backward
+from fedeq.models import ModelOutput, _get, _prod
 from fedeq.regularizers import jacobian_frobenius
 from fedeq.solvers import SolverStats, solve
 
@@ -323,20 +323,7 @@ class _ImplicitRelu(torch.autograd.Function):
         with torch.no_grad():
             d = (y > 0).to(w.dtype)
             T, read = adjoint_map(ctx.op, d, w, splitting, alpha)
-            u, st = solve(
-                T,
-                torch.zeros_like(w),
-                s.backward_solver,
-                s.b_max_iter,
-                s.backward_tol,
-                s.stop_mode,
-                **s.b_solver_options,
-            )
-            x = read(u)
-        b: BackwardStats = ctx.bstats
-        b.nfe = int(st.nfe.max())
-        b.abs_residual, b.rel_residual = st.abs_residual, st.rel_residual
-        b.ready = True
+            x = read(solve_backward(T, torch.zeros_like(w), s, ctx.bstats))
         return x, None, None, None, None
 
 
@@ -392,10 +379,7 @@ class _MonotoneEquilibrium(nn.Module):
         if mode == "jfb":
             z_out = F.relu(y)
         elif mode == "phantom":
-            steps = s.phantom_steps or s.b_max_iter
-            z_out = torch.lerp(z_in, F.relu(y), s.phantom_damping)
-            for _ in range(steps - 1):
-                z_out = torch.lerp(z_out, F.relu(op.apply(z_out) + inj), s.phantom_damping)
+            z_out, steps = phantom_unroll(lambda z: F.relu(op.apply(z) + inj), z_in, F.relu(y), s)
             graph_evals = steps
             bstats.nfe, bstats.ready = steps, True
         else:
@@ -468,24 +452,18 @@ class ConvMonDEQ(_MonotoneEquilibrium):
         )
 
 
-def _cfg(cfg: Any, key: str, default: Any) -> Any:
-    return default if cfg is None else getattr(cfg, key, default)
-
-
 def build_mondeq(input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any]) -> nn.Module:
     """Registry factory: ``hidden`` and ``monotone_m`` from ``cfg`` (defaults 64 and 0.1)."""
-    n = 1
-    for s in input_shape:
-        n *= int(s)
-    m = float(_cfg(cfg, "monotone_m", 0.1))
-    return MonDEQ(n, num_classes, hidden=int(_cfg(cfg, "hidden", 64)), monotone_m=m, **deq)
+    m = float(_get(cfg, "monotone_m", 0.1))
+    hidden = int(_get(cfg, "hidden", 64))
+    return MonDEQ(int(_prod(input_shape)), num_classes, hidden=hidden, monotone_m=m, **deq)
 
 
 def build_conv_mondeq(
     input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any]
 ) -> nn.Module:
     """Registry factory: ``channels`` and ``monotone_m`` from ``cfg`` (defaults 16 and 0.1)."""
-    m = float(_cfg(cfg, "monotone_m", 0.1))
+    m = float(_get(cfg, "monotone_m", 0.1))
     return ConvMonDEQ(
-        int(input_shape[0]), num_classes, channels=int(_cfg(cfg, "channels", 16)), monotone_m=m, **deq
+        int(input_shape[0]), num_classes, channels=int(_get(cfg, "channels", 16)), monotone_m=m, **deq
     )

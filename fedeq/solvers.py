@@ -213,7 +213,6 @@ class _Tracker:
         """Score candidate ``fz`` whose residual norm ``r`` was written to :meth:`abs_row`."""
         k = self.k
         self.k += 1
-        self.last_abs = r
         if self.rel:
             s = torch.div(r, torch.linalg.vector_norm(fz, dim=1).add_(_EPS), out=self.rel_tr[k])
         else:

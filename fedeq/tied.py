@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from fedeq.deq import BackwardStats, DEQOutput, DEQSettings
-from fedeq.models import ModelOutput
+from fedeq.models import ModelOutput, _get, _prod
 from fedeq.solvers import SolverStats
 
 Tensor = torch.Tensor
@@ -185,18 +185,11 @@ def build_tied_sparse(
 def _build(
     input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any], sparse: bool
 ) -> nn.Module:
-    n = 1
-    for s in input_shape:
-        n *= int(s)
-
-    def get(key: str, default: Any) -> Any:
-        return default if cfg is None else getattr(cfg, key, default)
-
-    kwargs: dict[str, Any] = {"hidden": int(get("hidden", 64)), "depth": int(get("depth", 3))}
+    kwargs: dict[str, Any] = {"hidden": int(_get(cfg, "hidden", 64)), "depth": int(_get(cfg, "depth", 3))}
     if sparse:
         kwargs.update(
-            mask_density=float(get("mask_density", 0.5)),
-            mask_pattern=str(get("mask_pattern", "unstructured")),
-            mask_seed=int(get("mask_seed", 0)),
+            mask_density=float(_get(cfg, "mask_density", 0.5)),
+            mask_pattern=str(_get(cfg, "mask_pattern", "unstructured")),
+            mask_seed=int(_get(cfg, "mask_seed", 0)),
         )
-    return TiedMLP(n, num_classes, **kwargs, **deq)
+    return TiedMLP(int(_prod(input_shape)), num_classes, **kwargs, **deq)
