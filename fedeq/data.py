@@ -355,11 +355,7 @@ def _run_partitioner(
         num = partitioner.num_partitions
         probes = {pid: _loaded_partition(partitioner, pid) for pid in (0, num - 1)}
         fast = _computed_partitions(partitioner, order)
-        if (
-            fast is not None
-            and len(fast) == num
-            and all(np.array_equal(fast[p], v) for p, v in probes.items())
-        ):
+        if fast is not None and all(np.array_equal(fast[p], v) for p, v in probes.items()):
             return fast
         return [probes[pid] if pid in probes else _loaded_partition(partitioner, pid) for pid in range(num)]
 
@@ -382,8 +378,7 @@ def _dirichlet_first_fit(
     """
     rng = np.random.default_rng(seed)
     alphas = np.array([alpha], dtype=float).repeat(num_partitions)
-    classes = sorted(np.unique(partition_labels).tolist())
-    counts = [int(np.count_nonzero(partition_labels == k)) for k in classes]
+    counts = np.unique(partition_labels, return_counts=True)[1].tolist()  # per class, in sorted order
     first_sizes = np.zeros(num_partitions, dtype=np.int64)
     for attempt in range(_DIRICHLET_ATTEMPTS):
         sizes = np.zeros(num_partitions, dtype=np.int64)
@@ -570,7 +565,12 @@ def _cfg_args(data_cfg: Any) -> tuple[Any, ...]:
 
 
 _INSTALLED_PARTITIONS: dict[tuple[Any, ...], tuple[np.ndarray, ...]] = {}
-"""Partitions handed to this process by :func:`install_partitions`, keyed by data arguments."""
+"""Partitions handed to this process by :func:`install_partitions`, keyed by :func:`_partitions_key`."""
+
+
+def _partitions_key(args: tuple[Any, ...], num_partitions: int, seed: int) -> tuple[Any, ...]:
+    """Key of :data:`_INSTALLED_PARTITIONS`: :func:`_cfg_args`, ``num_partitions`` and ``seed``."""
+    return (*args, int(num_partitions), int(seed))
 
 
 def _cfg_partitions(
@@ -579,7 +579,7 @@ def _cfg_partitions(
     args = _cfg_args(data_cfg)
     name, path, test_path, test_fraction, scheme, alpha, labels_per_client, min_size = args
     splits = load_dataset(name, path, test_path, test_fraction, seed)
-    installed = _INSTALLED_PARTITIONS.get((*args, int(num_partitions), int(seed)))
+    installed = _INSTALLED_PARTITIONS.get(_partitions_key(args, num_partitions, seed))
     if installed is not None:
         return splits, installed
     parts = partition_dataset(
@@ -604,8 +604,7 @@ def client_partitions(data_cfg: Any, num_partitions: int, seed: int) -> tuple[np
 
 def client_dataset(data_cfg: Any, seed: int) -> DatasetSplits:
     """The dataset (train/test split) that :func:`load_client_data` partitions, for ``data_cfg``."""
-    name, path, test_path, test_fraction, *_ = _cfg_args(data_cfg)
-    return load_dataset(name, path, test_path, test_fraction, seed)
+    return load_dataset(*_cfg_args(data_cfg)[:4], seed)
 
 
 def install_partitions(
@@ -624,20 +623,18 @@ def install_partitions(
     """
     if len(parts) != int(num_partitions):
         raise ValueError(f"install_partitions: got {len(parts)} partitions, expected {int(num_partitions)}")
+    if splits is not None and not isinstance(splits, DatasetSplits):
+        raise TypeError(f"install_partitions: splits must be DatasetSplits, got {type(splits).__name__}")
+    args = _cfg_args(data_cfg)
     if splits is not None:
-        if not isinstance(splits, DatasetSplits):
-            raise TypeError(f"install_partitions: splits must be DatasetSplits, got {type(splits).__name__}")
-        name, path, test_path, test_fraction, *_ = _cfg_args(data_cfg)
-        key = _dataset_key(name, path, test_path, test_fraction, seed)
+        key = _dataset_key(*args[:4], seed)
         for a in (splits.x_train, splits.y_train, splits.x_test, splits.y_test):
-            if a.flags.writeable:
-                a.flags.writeable = False
+            a.flags.writeable = False
         _INSTALLED_DATASETS[key] = splits
     frozen = tuple(np.asarray(p, dtype=np.int64) for p in parts)
     for p in frozen:
-        if p.flags.writeable:
-            p.flags.writeable = False
-    _INSTALLED_PARTITIONS[(*_cfg_args(data_cfg), int(num_partitions), int(seed))] = frozen
+        p.flags.writeable = False
+    _INSTALLED_PARTITIONS[_partitions_key(args, num_partitions, seed)] = frozen
 
 
 def load_client_data(data_cfg: Any, partition_id: int, num_partitions: int, seed: int) -> ClientData:

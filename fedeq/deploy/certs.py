@@ -143,19 +143,28 @@ def _san_names(hosts: Iterable[str]) -> list[str]:
     return [str(name.value) for name in _san(hosts)]
 
 
-def generate_ca(folder: str | Path, common_name: str = "fedeq CA", days: int = _VALID_DAYS) -> CertLayout:
-    """Create a self-signed CA (``ca.pem``, ``ca.key``) in ``folder``."""
-    layout = CertLayout(Path(folder))
-    key = ec.generate_private_key(ec.SECP256R1())
+def _builder(
+    common_name: str, issuer: x509.Name, key: ec.EllipticCurvePrivateKey, days: int
+) -> x509.CertificateBuilder:
+    """A certificate for ``key`` named ``common_name``, issued by ``issuer``, valid from 5 minutes ago."""
     now = dt.datetime.now(dt.UTC)
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
-        .issuer_name(_name(common_name))
+        .issuer_name(issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
+    )
+
+
+def generate_ca(folder: str | Path, common_name: str = "fedeq CA", days: int = _VALID_DAYS) -> CertLayout:
+    """Create a self-signed CA (``ca.pem``, ``ca.key``) in ``folder``."""
+    layout = CertLayout(Path(folder))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        _builder(common_name, _name(common_name), key, days)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -198,15 +207,8 @@ def issue_certificate(
     """Issue a TLS server certificate for ``hosts`` signed by the CA of ``layout``."""
     ca_cert, ca_key = _load_ca(layout)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
+        _builder(common_name, ca_cert.subject, key, days)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_san(hosts), critical=False)
         .add_extension(

@@ -29,9 +29,7 @@ from typing import Any
 from fedeq.config import ConfigError, load_config
 from fedeq.deploy.certs import (
     DEFAULT_HOSTS,
-    CertError,
     CertLayout,
-    check_layout,
     generate_deployment,
     public_keys,
     server_names,
@@ -43,8 +41,9 @@ from fedeq.deploy.launcher import (
     LocalDeployment,
     Submission,
     app_dir,
+    check_certs,
     check_port_free,
-    default_run_name,
+    default_out_dir,
     flwr_env,
     node_config_arg,
     node_tiers,
@@ -57,7 +56,6 @@ from fedeq.deploy.launcher import (
     write_connection,
 )
 from fedeq.deploy.processes import ProcessRegistry, signals_raise
-from fedeq.results import run_dir
 
 __all__ = ["add_deploy_parser", "cmd_deploy"]
 
@@ -177,10 +175,7 @@ def _certs(ns: argparse.Namespace, **need: Any) -> CertLayout | None:
         return None
     if not ns.certs:
         raise DeployError("--certs", "a certificate folder is required (or --insecure for local experiments)")
-    try:
-        return check_layout(Path(ns.certs).resolve(), key="--certs", **need)
-    except CertError as err:
-        raise DeployError(err.key, str(err).split(": ", 1)[1]) from None
+    return check_certs(Path(ns.certs).resolve(), **need)
 
 
 def _workdir(path: str | None, prefix: str) -> tuple[Path, bool]:
@@ -325,7 +320,7 @@ def _cmd_submit(ns: argparse.Namespace) -> int:
     layout = _certs(ns)
     app = app_dir(ns.app)
     _check_timeout(ns.timeout)
-    out = run_dir(cfg.output_dir, cfg.run_name or default_run_name()).resolve()
+    out = default_out_dir(cfg).resolve()
     cfg = prepare_run_config(cfg, ns.nodes, out)
     home = Path(tempfile.mkdtemp(prefix="fedeq-submit-"))
     try:

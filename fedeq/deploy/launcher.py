@@ -44,7 +44,9 @@ __all__ = [
     "RunOutcome",
     "Submission",
     "app_dir",
+    "check_certs",
     "check_port_free",
+    "default_out_dir",
     "default_run_name",
     "flwr_env",
     "free_port",
@@ -153,6 +155,14 @@ def split_address(address: str, key: str = "--superlink") -> tuple[str, int]:
     return host, port
 
 
+def check_certs(folder: str | Path, **need: Any) -> CertLayout:
+    """:func:`~fedeq.deploy.certs.check_layout` with key ``--certs``; its errors as :class:`DeployError`."""
+    try:
+        return check_layout(folder, key="--certs", **need)
+    except CertError as err:
+        raise DeployError(err.key, str(err).split(": ", 1)[1]) from None
+
+
 def app_dir(path: str | Path | None = None) -> Path:
     """The Flower app folder (``pyproject.toml`` with ``[tool.flwr.app]``): ``path`` or this checkout."""
     candidate = Path(path) if path is not None else Path(__file__).resolve().parents[2]
@@ -208,13 +218,12 @@ def supernode_argv(
     host: str = "127.0.0.1",
     port: int = DEFAULT_SUPERNODE_PORT,
     auth: bool = True,
-    root_certificates: Path | None = None,
     max_retries: int | None = None,
     private_key: Path | None = None,
 ) -> list[str]:
     """``flower-supernode`` number ``index`` connecting to ``superlink``; ``certs=None``: insecure.
 
-    With ``certs``, the SuperLink is verified against ``ca.pem`` (or ``root_certificates``), the node
+    With ``certs``, the SuperLink is verified against ``ca.pem``, the node
     authenticates with ``node-auth/supernode-<index>`` (``auth``; ``private_key`` overrides it), and its
     local Runtime API uses ``supernode-<index>.pem``.
     """
@@ -224,7 +233,7 @@ def supernode_argv(
         argv += ["--max-retries", str(max_retries)]
     if certs is None:
         return [*argv, "--insecure"]
-    argv += ["--root-certificates", str(root_certificates or certs.ca_cert)]
+    argv += ["--root-certificates", str(certs.ca_cert)]
     if certs.node_cert(index).is_file():
         argv += [
             "--ssl-certfile",
@@ -246,8 +255,9 @@ def _toml_value(value: str | bool) -> str:
     return json.dumps(str(value))
 
 
-def _toml_table(name: str, items: Mapping[str, str | bool]) -> str:
-    return f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in items.items())
+def _toml_items(items: Mapping[str, str | bool]) -> str:
+    """``key = value`` lines."""
+    return "".join(f"{k} = {_toml_value(v)}\n" for k, v in items.items())
 
 
 def write_connection(
@@ -261,7 +271,7 @@ def write_connection(
         conn["root-certificates"] = str(Path(ca_cert).resolve())
     path = Path(flwr_home) / "config.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = f"[superlink]\ndefault = {_toml_value(name)}\n\n{_toml_table(f'superlink.{name}', conn)}"
+    text = f"[superlink]\ndefault = {_toml_value(name)}\n\n[superlink.{name}]\n{_toml_items(conn)}"
     path.write_text(text, encoding="utf-8")
     return path
 
@@ -319,10 +329,9 @@ def run_status(run_id: int, env: Mapping[str, str]) -> str:
         return "unknown"
 
 
-def submit_argv(app: Path, run_config: Path, stream: bool = True) -> list[str]:
-    """``flwr run APP fedeq --run-config RUN.toml [--stream]``."""
-    argv = ["flwr", "run", str(app), CONNECTION_NAME, "--run-config", str(run_config)]
-    return [*argv, "--stream"] if stream else argv
+def submit_argv(app: Path, run_config: Path) -> list[str]:
+    """``flwr run APP fedeq --run-config RUN.toml --stream``."""
+    return ["flwr", "run", str(app), CONNECTION_NAME, "--run-config", str(run_config), "--stream"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,7 +378,7 @@ def write_run_config(cfg: Any, path: Path) -> Path:
     """Write the ``flwr run --run-config`` TOML file carrying the resolved config as YAML text."""
     path.parent.mkdir(parents=True, exist_ok=True)
     items = {RUN_CONFIG_KEY: to_yaml(cfg), RUN_OVERRIDES_KEY: ""}
-    path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in items.items()), encoding="utf-8")
+    path.write_text(_toml_items(items), encoding="utf-8")
     return path
 
 
@@ -390,6 +399,11 @@ def verify_outputs(out_dir: Path, rounds: int) -> dict[str, Any]:
 def default_run_name() -> str:
     """``deploy-<timestamp>``."""
     return "deploy-" + time.strftime("%Y%m%d-%H%M%S")
+
+
+def default_out_dir(cfg: Any) -> Path:
+    """``output_dir/run_name`` of ``cfg``, the run name defaulting to :func:`default_run_name`."""
+    return run_dir(cfg.output_dir, cfg.run_name or default_run_name())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,13 +506,10 @@ class Submission:
         summary: dict[str, Any] = {}
         if require_outputs or self.out_dir.is_dir():
             summary = verify_outputs(self.out_dir, int(self.cfg.rounds))
-        self._log(f"run {self.run_id} {status} in {time.perf_counter() - self._t0:.1f}s")
+        wall_s = time.perf_counter() - self._t0
+        self._log(f"run {self.run_id} {status} in {wall_s:.1f}s")
         return RunOutcome(
-            out_dir=self.out_dir,
-            run_id=self.run_id,
-            status=status,
-            summary=summary,
-            wall_s=time.perf_counter() - self._t0,
+            out_dir=self.out_dir, run_id=self.run_id, status=status, summary=summary, wall_s=wall_s
         )
 
 
@@ -533,7 +544,7 @@ class LocalDeployment:
         self.host = host
         self.app = app_dir(app)
         if out_dir is None:
-            out_dir = run_dir(cfg.output_dir, cfg.run_name or default_run_name())
+            out_dir = default_out_dir(cfg)
         self.out_dir = Path(out_dir).resolve()
         self.cfg = prepare_run_config(cfg, num_nodes, self.out_dir)
         self.tiers = node_tiers(self.cfg, num_nodes, tiers)
@@ -541,16 +552,13 @@ class LocalDeployment:
             check_port_free(host, port, "--port")
         self.port = port
         if certs is not None and not insecure:
-            try:
-                check_layout(
-                    certs,
-                    server=True,
-                    node_certs=range(num_nodes),
-                    node_private=range(num_nodes),
-                    node_public=range(num_nodes),
-                )
-            except CertError as err:
-                raise DeployError(err.key, str(err).split(": ", 1)[1]) from None
+            check_certs(
+                certs,
+                server=True,
+                node_certs=range(num_nodes),
+                node_private=range(num_nodes),
+                node_public=range(num_nodes),
+            )
         self.given_certs = Path(certs).resolve() if certs is not None else None
         self._tmp = None if workdir is not None else tempfile.mkdtemp(prefix="fedeq-deploy-")
         self.workdir = Path(workdir if workdir is not None else self._tmp).resolve()  # type: ignore[arg-type]
@@ -563,7 +571,6 @@ class LocalDeployment:
         self.run_id: int | None = None
         self.submission: Submission | None = None
         self._log = log or (lambda msg: print(f"fedeq deploy: {msg}", file=sys.stderr, flush=True))
-        self._t0 = time.perf_counter()
 
     # -- context management ------------------------------------------------------------------
 
@@ -685,7 +692,7 @@ class LocalDeployment:
         """
         run_cfg = self.cfg
         if cfg is not None:
-            target = out_dir or run_dir(cfg.output_dir, cfg.run_name or default_run_name())
+            target = out_dir or default_out_dir(cfg)
             run_cfg = prepare_run_config(cfg, self.num_nodes, Path(target))
         self.submission = Submission(self.registry, self.cli_env, self.app, run_cfg, self._log, name=name)
         return self.submission.start()

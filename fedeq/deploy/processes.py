@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -127,7 +127,6 @@ class ManagedProcess:
     argv: list[str]
     log_path: Path
     popen: subprocess.Popen[bytes]
-    started_at: float = field(default_factory=time.time)
 
     @property
     def pid(self) -> int:
@@ -232,7 +231,6 @@ class ProcessRegistry:
         deadline = time.monotonic() + timeout
         while True:
             for p in procs:
-                p.popen.poll()
                 if p.alive():  # helpers started meanwhile
                     trees[p.pid] = list(dict.fromkeys(trees[p.pid] + descendants(p.pid)))
             left = [pid for p in procs for pid in trees[p.pid] if pid_alive(pid)]
