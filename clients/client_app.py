@@ -18,7 +18,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
@@ -50,16 +49,6 @@ TRAIN_METRIC_KEYS = (
 )
 
 app = ClientApp()
-
-
-@functools.lru_cache(maxsize=8)
-def _parse_config(text: str) -> Any:
-    return config_from_yaml(text)
-
-
-def run_config_of(message: Message, context: Context) -> Any:
-    """The resolved fedeq config: from the message when the server sent one, else the run config."""
-    return _setup_of(message, context).cfg
 
 
 def _attribute_view(value: Any) -> Any:
@@ -105,7 +94,7 @@ class RunSetup:
 
 @functools.lru_cache(maxsize=8)
 def _setup_from_text(text: str) -> RunSetup:
-    return RunSetup(_parse_config(text))
+    return RunSetup(config_from_yaml(text))
 
 
 @functools.lru_cache(maxsize=8)
@@ -114,6 +103,7 @@ def _setup_from_run_config(items: tuple[tuple[str, Any], ...]) -> RunSetup:
 
 
 def _setup_of(message: Message, context: Context) -> RunSetup:
+    """The run's setup: from the config the server sent with the message, else from the run config."""
     cfg_record = message.content.config_records.get("config")
     if cfg_record is not None and RUN_CONFIG_KEY in cfg_record:
         return _setup_from_text(str(cfg_record[RUN_CONFIG_KEY]))
@@ -135,12 +125,7 @@ def tier_deq_settings(cfg: Any, tier: Any) -> dict[str, Any]:
 @functools.lru_cache(maxsize=4)
 def _cached_model(key: tuple) -> nn.Module:
     name, shape, classes, cfg_items = key
-    return build_model(name, shape, classes, _Attrs(dict(cfg_items)))
-
-
-class _Attrs:
-    def __init__(self, items: dict[str, Any]) -> None:
-        self.__dict__.update(items)
+    return build_model(name, shape, classes, SimpleNamespace(**dict(cfg_items)))
 
 
 def model_for(cfg: Any) -> nn.Module:
@@ -267,8 +252,7 @@ def evaluate_handler(message: Message, context: Context) -> Message:
     data = load_client_data(setup.view.data, pid, num_parts, setup.view.seed)
     model = setup.model
     _load_arrays(model, message)
-    with torch.no_grad():
-        st = evaluate(model, data.x_val, data.y_val, device=setup.device, **setup.deq[tier_idx])
+    st = evaluate(model, data.x_val, data.y_val, device=setup.device, **setup.deq[tier_idx])
     model.to("cpu")
     metrics = {
         "num-examples": max(st.num_examples, 1),

@@ -32,12 +32,16 @@ def server_identity(run_id: int = RUN_ID) -> Iterator[None]:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
+def _cpus_needed(cfg: Any, sizes: list[int]) -> float:
+    """Logical CPUs the tiers' actor pools of ``sizes`` ask for together."""
+    return sum(size * float(t.num_cpus) for size, t in zip(sizes, cfg.devices.tiers, strict=True))
+
+
 def plan_pools(cfg: Any) -> tuple[list[int], float]:
     """Pool size of every tier and the logical CPUs a local cluster needs to hold them all."""
     cpus = float(cfg.ray.num_cpus or os.cpu_count() or 1)
     sizes = pool_sizes(cfg.devices.tiers, cpus, cfg.ray.actors_per_tier)
-    need = sum(size * float(t.num_cpus) for size, t in zip(sizes, cfg.devices.tiers, strict=True))
-    return sizes, max(cpus, need)
+    return sizes, max(cpus, _cpus_needed(cfg, sizes))
 
 
 def make_grid(cfg: Any) -> RayGrid:
@@ -45,7 +49,7 @@ def make_grid(cfg: Any) -> RayGrid:
     sizes, cpus = plan_pools(cfg)
     start_ray(cfg.ray.address, num_cpus=None if cfg.ray.address else cpus)
     have = float(ray.cluster_resources().get("CPU", 0.0))
-    need = sum(size * float(t.num_cpus) for size, t in zip(sizes, cfg.devices.tiers, strict=True))
+    need = _cpus_needed(cfg, sizes)
     if need > have + 1e-9:
         raise ValueError(
             f"ray: the tiers' actor pools {sizes} need {need:g} CPUs but the Ray cluster has {have:g}; "

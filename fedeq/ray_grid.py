@@ -210,7 +210,6 @@ class RayGrid(Grid):
             self.set_actor_setup(*actor_setup)
         self.pending: dict[str, _Call] = {}
         self.done: dict[str, Message] = {}
-        self.calls = 0
 
     # ------------------------------------------------------------------ Grid interface
 
@@ -336,7 +335,6 @@ class RayGrid(Grid):
                 call.ready_ref = actor.ready.remote()
         call.ref = actor.handle.remote(call.message, node, self.node_config(node), self._run.run_id)
         line.append(call)
-        self.calls += 1
 
     def _progress(self, wait_s: float) -> None:
         """Collect finished calls (waiting up to ``wait_s``), enforce the per-call limit, refill pools."""

@@ -228,7 +228,7 @@ def run_server(
     book = _RoundBook(cfg, strategy, model_bytes, recorder, getattr(grid, "node_config", None))
     ref = reference_tier(cfg)
     budgets_by_tier = {t.name: tier_deq_settings(cfg, t) for t in tiers}
-    main_settings = tier_deq_settings(cfg, ref)
+    main_settings = budgets_by_tier[ref.name]
 
     start_round = 1
     if resume:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -159,35 +160,34 @@ def train_local(
     totals = np.zeros(4)  # loss, residual, nfe_f, nfe_b
     steps = samples = 0
     sim_used = 0.0
-    for _ in range(epochs):
-        for xb, yb in batches(xt, yt, batch_size, shuffle=True, generator=gen):
-            call = overrides
-            if randomize_budget and f_budget > 1:
-                call = {**overrides, "f_max_iter": int(torch.randint(1, f_budget + 1, (1,), generator=gen))}
-            if adversarial is None:
-                out = model(xb, **call)
-                loss = F.cross_entropy(out.logits, yb)
-            else:
-                adv = adversarial_step(model, xb, yb, adversarial, call, generator=gen)
-                out, loss = adv.out, adv.loss
-            total = loss
-            if jac_reg > 0 and out.aux_loss is not None:
-                total = total + jac_reg * out.aux_loss
-            if anchor is not None:
-                prox = sum((p - a).pow(2).sum() for p, a in zip(params, anchor, strict=True))
-                total = total + 0.5 * proximal_mu * prox
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            res, nf, nb = _solver_stats(out)
-            if adversarial is not None:
-                nf, nb = nf + adv.nfe_fwd, nb + adv.nfe_bwd
-            totals += (float(loss.detach()), res, nf, nb)
-            steps += 1
-            samples += xb.shape[0]
-            sim_used += (nf + nb) * xb.shape[0] * sim_cost_s
-            if sim_budget_s is not None and sim_used >= sim_budget_s:
-                break
+    # One pass over every epoch's batches; each epoch's shuffle is drawn when that epoch begins.
+    epoch_batches = (batches(xt, yt, batch_size, shuffle=True, generator=gen) for _ in range(epochs))
+    for xb, yb in itertools.chain.from_iterable(epoch_batches):
+        call = overrides
+        if randomize_budget and f_budget > 1:
+            call = {**overrides, "f_max_iter": int(torch.randint(1, f_budget + 1, (1,), generator=gen))}
+        if adversarial is None:
+            out = model(xb, **call)
+            loss = F.cross_entropy(out.logits, yb)
+        else:
+            adv = adversarial_step(model, xb, yb, adversarial, call, generator=gen)
+            out, loss = adv.out, adv.loss
+        total = loss
+        if jac_reg > 0 and out.aux_loss is not None:
+            total = total + jac_reg * out.aux_loss
+        if anchor is not None:
+            prox = sum((p - a).pow(2).sum() for p, a in zip(params, anchor, strict=True))
+            total = total + 0.5 * proximal_mu * prox
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        res, nf, nb = _solver_stats(out)
+        if adversarial is not None:
+            nf, nb = nf + adv.nfe_fwd, nb + adv.nfe_bwd
+        totals += (float(loss.detach()), res, nf, nb)
+        steps += 1
+        samples += xb.shape[0]
+        sim_used += (nf + nb) * xb.shape[0] * sim_cost_s
         if sim_budget_s is not None and sim_used >= sim_budget_s:
             break
     if device.type == "cuda":

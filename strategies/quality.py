@@ -143,8 +143,9 @@ def weighted_average(records: Sequence[ArrayRecord], weights: Sequence[float]) -
         first = records[0][key].numpy()
         acc_dtype = np.complex128 if first.dtype.kind == "c" else np.float64
         acc = np.zeros(first.shape, dtype=acc_dtype)
-        for record, wi in zip(records, w, strict=True):
-            acc += wi * record[key].numpy().astype(acc_dtype)
+        for i, (record, wi) in enumerate(zip(records, w, strict=True)):
+            values = first if i == 0 else record[key].numpy()  # the first record is decoded already
+            acc += wi * values.astype(acc_dtype)
         acc /= total
         if first.dtype.kind in "iub":
             acc = np.rint(acc.real)
