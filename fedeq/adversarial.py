@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedeq.attacks import NORMS, AttackConfig, _EvalMode, _forward_budget, deq_cost, project, run_attack
+from fedeq.config import ADVERSARIAL_MODES
 from fedeq.deq import DEQ
 from fedeq.models import ModelOutput
 from fedeq.parts import deq_parts, entropy
@@ -47,8 +48,6 @@ __all__ = [
     "entropy_predictor",
     "entropy_reduced_inputs",
 ]
-
-ADVERSARIAL_MODES: tuple[str, ...] = ("none", "pgd", "trades")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedeq.config import ATTACK_NORMS
 from fedeq.deq import DEQ
 from fedeq.models import ModelOutput
 
@@ -56,7 +57,7 @@ __all__ = [
 ]
 
 ATTACKS: tuple[str, ...] = ("pgd", "fgsm", "jiio")
-NORMS: tuple[str, ...] = ("linf", "l2")
+NORMS = ATTACK_NORMS  # the attack norms the config accepts
 GRADIENTS: tuple[str, ...] = ("ift", "phantom", "unrolled", "jfb")
 _EPS = 1e-12
 

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedeq.data import DatasetSplits, load_dataset
+from fedeq.config import ModelConfig
+from fedeq.data import DatasetSplits, load_dataset, to_tensors
 from fedeq.models import build_model, num_parameters
 from fedeq.training import evaluate, train_local
 
@@ -47,15 +48,6 @@ TRAIN = {
     "mnist5k": {"lr": 0.003, "batch_size": 64, "epochs": 8},
 }
 FED_CONFIG = {"digits": "simulations/configs/default.yaml", "mnist5k": "simulations/configs/mnist5k.yaml"}
-
-
-class ModelCfg:
-    """Model knobs as ``fedeq.config.ModelConfig`` names them."""
-
-    def __init__(self, **kw: Any) -> None:
-        self.hidden, self.depth = 64, 3
-        self.monotone_m, self.mask_density, self.mask_pattern, self.mask_seed = 0.1, 0.5, "unstructured", 0
-        self.__dict__.update(kw)
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -77,7 +69,7 @@ def run_central(
 ) -> dict[str, Any]:
     """Train ``name`` centrally and evaluate it (same DEQ settings for training and evaluation)."""
     torch.manual_seed(seed)
-    model = build_model(name, data.input_shape, data.num_classes, ModelCfg(**cfg), **deq)
+    model = build_model(name, data.input_shape, data.num_classes, ModelConfig(**cfg), **deq)
     compute = 0.0
     for epoch in range(epochs):
         st = train_local(
@@ -97,7 +89,7 @@ def run_central(
         "model": name,
         "data": data.name,
         "seed": seed,
-        **{k: v for k, v in cfg.items()},
+        **cfg,
         "test_acc": ev.accuracy,
         "test_loss": ev.loss,
         "eval_nfe": ev.nfe_fwd,
@@ -116,8 +108,7 @@ def time_steps(
 ) -> tuple[float, float]:
     """Median wall time (ms) of one training step (forward + backward, batch ``batch_size``) and of one
     evaluation forward pass (batch 256), after a warm-up; medians resist the noise of a shared CPU."""
-    x = torch.tensor(np.asarray(data.x_train[:256]), dtype=torch.float32)
-    y = torch.tensor(np.asarray(data.y_train[:256]))
+    x, y = to_tensors(data.x_train[:256], data.y_train[:256])
     xb, yb = x[:batch_size], y[:batch_size]
     train_t, eval_t = [], []
     model.train()
@@ -141,9 +132,8 @@ def time_steps(
 def _mean_std(df: pd.DataFrame, keys: list[str], cols: list[str]) -> pd.DataFrame:
     g = df.groupby(keys, sort=False)
     out = g[cols].mean()
-    for c in ("test_acc",):
-        if c in cols:
-            out[c + "_std"] = g[c].std(ddof=0)
+    if "test_acc" in cols:
+        out["test_acc_std"] = g["test_acc"].std(ddof=0)
     return out.reset_index()
 
 
@@ -258,10 +248,8 @@ def cmd_tied(ns: argparse.Namespace) -> None:
             name = spec["model"]
             cfg = {k: v for k, v in spec.items() if k != "model"}
             deq = dict(CENTRAL_DEQ)
-            if name != "mlp_deq":
+            if name != "mlp_deq":  # tied_grid gives the DEQs depth 0
                 deq.update(f_max_iter=max(cfg["depth"], 1), b_max_iter=max(cfg["depth"], 1))
-            else:
-                cfg["depth"] = 0
             for seed in range(ns.seeds):
                 r = run_central(
                     name,
@@ -340,8 +328,7 @@ def cmd_robustness(ns: argparse.Namespace) -> None:
     for data_name in ns.data:
         data = load_dataset(data_name)
         tr = TRAIN[data_name]
-        x = torch.tensor(np.asarray(data.x_test), dtype=torch.float32)
-        y = torch.tensor(np.asarray(data.y_test))
+        x, y = to_tensors(data.x_test, data.y_test)
         for name in ns.models:
             for seed in range(ns.seeds):
                 r = run_central(
@@ -355,9 +342,10 @@ def cmd_robustness(ns: argparse.Namespace) -> None:
                 for eps in ns.fgsm:
                     row[f"fgsm {eps:g}"] = _perturbed_accuracy(model, x, y, eps, "fgsm", CENTRAL_DEQ, gen)
                 delta = (torch.rand(x.shape, generator=gen) * 2 - 1) * ns.sens_eps
+                xp = (x + delta).clamp(0, 1)
                 z0 = _equilibrium(model, x, CENTRAL_DEQ)
-                z1 = _equilibrium(model, (x + delta).clamp(0, 1), CENTRAL_DEQ)
-                dx = ((x + delta).clamp(0, 1) - x).flatten(1)
+                z1 = _equilibrium(model, xp, CENTRAL_DEQ)
+                dx = (xp - x).flatten(1)
                 rel = ((z1 - z0).norm(dim=1) / z0.norm(dim=1).clamp_min(1e-12)) / (
                     dx.norm(dim=1) / x.flatten(1).norm(dim=1).clamp_min(1e-12)
                 )

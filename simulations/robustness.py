@@ -42,13 +42,9 @@ if str(ROOT) not in sys.path:
 from fedeq.adversarial import AdversarialConfig, EntropyDefense, entropy_predictor  # noqa: E402
 from fedeq.attacks import AttackConfig, robust_accuracy  # noqa: E402
 from fedeq.config import load_config  # noqa: E402
-from fedeq.data import load_dataset  # noqa: E402
+from fedeq.data import load_dataset, to_tensors  # noqa: E402
 from fedeq.models import build_model  # noqa: E402
 from fedeq.training import train_local  # noqa: E402
-
-
-def _tensors(a: Any) -> torch.Tensor:
-    return torch.from_numpy(a.copy())
 
 
 def _attacks(args: argparse.Namespace) -> dict[str, tuple[AttackConfig, dict[str, Any]]]:
@@ -90,10 +86,32 @@ def _defense(args: argparse.Namespace) -> EntropyDefense:
     return EntropyDefense(args.ier_stages, args.ier_updates, args.ier_step, radius)
 
 
+def _method_rows(
+    base: dict[str, Any],
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    deq: dict[str, Any],
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
+    """The row of ``base["method"]`` (printed as it comes); ``pgd-at+ris`` adds its ``+ier`` row."""
+    rows = [{**base, **_evaluate(model, x, y, deq, args)}]
+    print(_fmt(rows[-1]), flush=True)
+    if base["method"] == "pgd-at+ris":
+        ier = _evaluate(model, x, y, deq, args, _defense(args))
+        rows.append({**base, "method": base["method"] + "+ier", **ier})
+        print(_fmt(rows[-1]), flush=True)
+    return rows
+
+
+def _test_tensors(sp: Any, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    return to_tensors(sp.x_test[: args.test_size], sp.y_test[: args.test_size])
+
+
 def central(args: argparse.Namespace) -> list[dict[str, Any]]:
     sp = load_dataset(args.data, seed=args.seed)
-    x, y = _tensors(sp.x_train), _tensors(sp.y_train)
-    xt, yt = _tensors(sp.x_test)[: args.test_size], _tensors(sp.y_test)[: args.test_size]
+    x, y = to_tensors(sp.x_train, sp.y_train)
+    xt, yt = _test_tensors(sp, args)
     deq = {"solver": "anderson", "f_max_iter": args.f_iter, "b_max_iter": args.b_iter, "tol": 1e-4}
     common = {"epsilon": args.eps, "steps": args.train_steps}
     methods: list[tuple[str, AdversarialConfig | None]] = [
@@ -128,13 +146,7 @@ def central(args: argparse.Namespace) -> list[dict[str, Any]]:
             "train_s": train_s,
             "nfe_per_step": st.nfe_fwd + st.nfe_bwd,
         }
-        rows.append({**base, **_evaluate(model, xt, yt, deq, args)})
-        print(_fmt(rows[-1]), flush=True)
-        if name == "pgd-at+ris":
-            rows.append(
-                {**base, "method": name + "+ier", **_evaluate(model, xt, yt, deq, args, _defense(args))}
-            )
-            print(_fmt(rows[-1]), flush=True)
+        rows += _method_rows(base, model, xt, yt, deq, args)
     return rows
 
 
@@ -178,7 +190,7 @@ def federated(args: argparse.Namespace) -> list[dict[str, Any]]:
         model = build_model(cfg.model.name, sp.input_shape, sp.num_classes, cfg.model)
         model.load_state_dict(torch.load(weights))
         deq = tier_deq_settings(cfg, reference_tier(cfg))
-        xt, yt = _tensors(sp.x_test)[: args.test_size], _tensors(sp.y_test)[: args.test_size]
+        xt, yt = _test_tensors(sp, args)
         summary = json.loads((out / "summary.json").read_text())
         base = {
             "setting": "federated",
@@ -186,13 +198,7 @@ def federated(args: argparse.Namespace) -> list[dict[str, Any]]:
             "train_s": train_s,
             "sim_time_s": summary.get("total_sim_time_s"),
         }
-        rows.append({**base, **_evaluate(model, xt, yt, deq, args)})
-        print(_fmt(rows[-1]), flush=True)
-        if name == "pgd-at+ris":
-            rows.append(
-                {**base, "method": name + "+ier", **_evaluate(model, xt, yt, deq, args, _defense(args))}
-            )
-            print(_fmt(rows[-1]), flush=True)
+        rows += _method_rows(base, model, xt, yt, deq, args)
     return rows
 
 

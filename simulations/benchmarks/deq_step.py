@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedeq.data import load_dataset, to_tensors
 from fedeq.models import MLPDEQ, ConvDEQ
 from fedeq.training import evaluate, resolve_device, train_local
 
@@ -55,14 +56,11 @@ ANDERSON_M = 6  # TorchDEQ's default memory; fedeq is set to the same value
 
 
 def load_digits_tensors(device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """sklearn digits scaled to [0, 1], stratified 80/20 split (fixed seed)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
-    return tuple(torch.as_tensor(a).to(device) for a in (xtr, ytr, xte, yte))  # type: ignore[return-value]
+    """fedeq's digits split (scaled to [0, 1], stratified 80/20, seed 0), flattened to 64 features."""
+    sp = load_dataset("digits")
+    xtr, ytr = to_tensors(sp.x_train.reshape(len(sp.x_train), -1), sp.y_train, device)
+    xte, yte = to_tensors(sp.x_test.reshape(len(sp.x_test), -1), sp.y_test, device)
+    return xtr, ytr, xte, yte
 
 
 # ------------------------------------------------------------------------------------------- cases
@@ -100,27 +98,24 @@ def _conv_post(model: nn.Module, z: Tensor) -> Tensor:
     return model.head(z.mean(dim=(2, 3)))
 
 
+def _seeded(cls: type[nn.Module], *args: Any, **kwargs: Any) -> Callable[..., nn.Module]:
+    """``build(**deq)``: a fresh ``cls(*args, **kwargs, **deq)`` with the same initial weights every time."""
+
+    def build(**deq: Any) -> nn.Module:
+        torch.manual_seed(0)
+        return cls(*args, **kwargs, **deq)
+
+    return build
+
+
 def make_cases(device: torch.device, which: list[str], hidden: int, batch: int) -> list[Case]:
     cases = []
     if "mlp" in which:
         xtr, ytr, _, _ = load_digits_tensors(device)
         x, y = xtr[:batch], ytr[:batch]
-
-        def build_mlp(**deq: Any) -> nn.Module:
-            torch.manual_seed(0)
-            return MLPDEQ(64, 10, hidden=hidden, **deq)
-
-        cases.append(
-            Case(
-                "mlp",
-                f"MLPDEQ digits, hidden {hidden}, batch {x.shape[0]}",
-                build_mlp,
-                x,
-                y,
-                _mlp_pre,
-                _mlp_post,
-            )
-        )
+        build = _seeded(MLPDEQ, 64, 10, hidden=hidden)
+        desc = f"MLPDEQ digits, hidden {hidden}, batch {x.shape[0]}"
+        cases.append(Case("mlp", desc, build, x, y, _mlp_pre, _mlp_post))
     if "conv" in which:
         if device.type == "cuda":
             channels, size, cbatch = 64, 32, 128
@@ -129,22 +124,9 @@ def make_cases(device: torch.device, which: list[str], hidden: int, batch: int) 
         g = torch.Generator().manual_seed(0)
         x = torch.randn(cbatch, 3, size, size, generator=g).to(device)
         y = torch.randint(0, 10, (cbatch,), generator=g).to(device)
-
-        def build_conv(**deq: Any) -> nn.Module:
-            torch.manual_seed(0)
-            return ConvDEQ(3, 10, channels=channels, **deq)
-
-        cases.append(
-            Case(
-                "conv",
-                f"ConvDEQ {channels} ch, {size}x{size}, batch {cbatch} (random data)",
-                build_conv,
-                x,
-                y,
-                _conv_pre,
-                _conv_post,
-            )
-        )
+        build = _seeded(ConvDEQ, 3, 10, channels=channels)
+        desc = f"ConvDEQ {channels} ch, {size}x{size}, batch {cbatch} (random data)"
+        cases.append(Case("conv", desc, build, x, y, _conv_pre, _conv_post))
     return cases
 
 
@@ -346,32 +328,32 @@ class Row:
         return statistics.median(sum(x) / sum(y) for x, y in zip(self.times[a], self.times[b], strict=True))
 
 
+def census(model: nn.Module, step: Callable[[dict], Callable[[], None]]) -> tuple[dict[str, int], dict]:
+    """Counts and residuals of one untimed step: ``step(info)`` runs the forward, its result the backward."""
+    counter = CallCounter(model.deq.func)
+    info: dict = {}
+    model.zero_grad(set_to_none=True)
+    step(info)()
+    return counter.remove(), info
+
+
 def bench_solver(case: Case, solver: str, args: argparse.Namespace, device: torch.device) -> Row:
     model = case.build(**fedeq_settings(solver, args.iters)).to(device).train()
     tdeq = make_torchdeq(solver, args.iters).to(device).train()
     row = Row(case.name, solver)
 
     # Census: evaluation counts and residuals of each column (untimed).
-    infos: dict[str, dict] = {}
-    for who in ("fedeq", "torchdeq"):
-        counter = CallCounter(model.deq.func)
-        infos[who] = {}
-        model.zero_grad(set_to_none=True)
-        if who == "fedeq":
-            fedeq_step(model, case, infos[who])()
-        else:
-            torchdeq_step(model, tdeq, case, infos[who])()
-        row.counts[who] = counter.remove()
+    libraries = {
+        "fedeq": lambda info: fedeq_step(model, case, info),
+        "torchdeq": lambda info: torchdeq_step(model, tdeq, case, info),
+    }
+    for who, step in libraries.items():
+        row.counts[who], row.res[who] = census(model, step)
     a, b = row.counts["fedeq"], row.counts["torchdeq"]
     if (a["f_nograd"], a["vjp"]) != (b["f_nograd"], b["vjp"]):
         raise RuntimeError(f"{case.name}/{solver}: evaluation counts differ: fedeq {a}, torchdeq {b}")
     nf, nb = a["f_nograd"], a["vjp"]
-    counter = CallCounter(model.deq.func)
-    infos["limit"] = {}
-    model.zero_grad(set_to_none=True)
-    limit_step(model, case, nf, nb, infos["limit"])()
-    row.counts["limit"] = counter.remove()
-    row.res = infos
+    row.counts["limit"], row.res["limit"] = census(model, lambda info: limit_step(model, case, nf, nb, info))
 
     steps = {
         "fedeq": lambda: fedeq_step(model, case),
@@ -494,16 +476,9 @@ def print_table(records: list[dict[str, Any]], mem_label: str) -> None:
         cells.append(f"{rec['res_f_fedeq']:.1e} | {rec['res_f_torchdeq']:.1e}")
         cells.append(f"{rec['res_b_fedeq']:.1e} | {rec['res_b_torchdeq']:.1e}")
         lines.append(cells)
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # plain text
-        widths = [max(len(h), *(len(c[i]) for c in lines)) for i, (h, _) in enumerate(headers)]
-        print(" | ".join(h.ljust(w) for (h, _), w in zip(headers, widths, strict=True)))
-        print("-+-".join("-" * w for w in widths))
-        for c in lines:
-            print(" | ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)))
-        return
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title="DEQ training step (median)")
     for h, _ in headers:
         table.add_column(h, justify="left" if h in ("case", "solver") else "right")

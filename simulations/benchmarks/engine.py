@@ -513,20 +513,26 @@ def _throughput_config(spec: dict[str, Any]) -> Any:
     )
 
 
-def _client_round_loop(grid: Any, cfg: Any) -> list[tuple[int, float]]:
-    """Train rounds of the real ClientApp through ``grid``: (ok replies, wall seconds) per round."""
+def _initial_model(cfg: Any) -> Any:
+    """The configured model with the initial weights of ``cfg.seed`` (the same for every engine)."""
     import torch
-    from flwr.app import ArrayRecord, ConfigRecord
-    from flwr.serverapp.strategy import FedAvg
 
-    from fedeq.config import RUN_CONFIG_KEY, to_yaml
     from fedeq.data import load_dataset
     from fedeq.models import build_model
 
     splits = load_dataset(cfg.data.name, cfg.data.path, cfg.data.test_path, cfg.data.test_fraction, cfg.seed)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.model)
-    arrays = ArrayRecord(model.state_dict())
+    return build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.model)
+
+
+def _client_round_loop(grid: Any, cfg: Any) -> list[tuple[int, float]]:
+    """Train rounds of the real ClientApp through ``grid``: (ok replies, wall seconds) per round."""
+    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedeq.config import RUN_CONFIG_KEY, to_yaml
+
+    arrays = ArrayRecord(_initial_model(cfg).state_dict())
     n = cfg.num_clients
     strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
     config = ConfigRecord({RUN_CONFIG_KEY: to_yaml(cfg)})
@@ -597,13 +603,10 @@ def _sequential_loop(cfg: Any) -> list[tuple[int, float]]:
     import torch
 
     from clients.client_app import tier_deq_settings, train_options
-    from fedeq.data import load_client_data, load_dataset
-    from fedeq.models import build_model
+    from fedeq.data import load_client_data
     from fedeq.training import evaluate, resolve_device, train_local
 
-    splits = load_dataset(cfg.data.name, cfg.data.path, cfg.data.test_path, cfg.data.test_fraction, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.model)
+    model = _initial_model(cfg)
     device = resolve_device(cfg.train.device)
     tier = cfg.devices.tiers[0]
     deq = tier_deq_settings(cfg, tier)
@@ -831,14 +834,13 @@ def _cpu_budget(res: dict[str, Any], report: Report) -> None:
 
 
 def section_efficiency(args: argparse.Namespace, report: Report, tmp: Path) -> None:
-    overrides = list(args.eff_overrides)
     res = run_child(
         "efficiency",
         {
             "clients": 100,
             "rounds": args.eff_rounds,
             "out": str(tmp / "efficiency"),
-            "overrides": overrides,
+            "overrides": list(args.eff_overrides),
             "pipeline": args.pipeline,
             "share_partitions": not args.no_share_partitions,
         },
@@ -906,12 +908,12 @@ def section_efficiency(args: argparse.Namespace, report: Report, tmp: Path) -> N
     _cpu_budget(res, report)
     per_tier = []
     steady = res["rounds"][1:]
+    grid = sum(r["grid_wall_s"] for r in steady)
     for t in sizes:
         comp = sum(r["compute_s"][t] for r in steady)
         comp_cpu = sum(r["compute_cpu_s"][t] for r in steady)
         busy = sum(r["busy_s"][t] for r in steady)
         app_cpu = sum(r["cpu_s"][t] for r in steady)
-        grid = sum(r["grid_wall_s"] for r in steady)
         per_tier.append(
             [
                 t,

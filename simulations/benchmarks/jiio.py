@@ -98,10 +98,9 @@ def _curve(problem: InputProblem, res: JIIOResult, points: int) -> list[tuple[in
     hist = res.history or []
     if not hist:
         return []
-    idx = sorted({round(i) for i in torch.logspace(0, torch.log10(torch.tensor(len(hist))), points).tolist()})
-    idx = [min(max(i, 1), len(hist)) - 1 for i in idx]
+    grid = torch.logspace(0, torch.log10(torch.tensor(len(hist))), points).tolist()
     out = []
-    for i in sorted(set(idx)):
+    for i in sorted({min(max(round(v), 1), len(hist)) - 1 for v in grid}):
         t, nfe, x = hist[i]
         out.append((i, t, nfe, float(solve_objective(problem, x).mean())))
     return out
@@ -110,18 +109,21 @@ def _curve(problem: InputProblem, res: JIIOResult, points: int) -> list[tuple[in
 def run_problem(
     name: str, problem: InputProblem, x0: torch.Tensor, alpha: Any, args: argparse.Namespace
 ) -> list[dict[str, Any]]:
-    naive_kw = {"solver": "anderson", "f_max_iter": 50, "b_max_iter": 50, "tol": args.tol, "record": True}
+    naive_kw = {
+        "outer_steps": args.outer_steps,
+        "x_tol": args.x_tol,
+        "solver": "anderson",
+        "f_max_iter": 50,
+        "b_max_iter": 50,
+        "tol": args.tol,
+        "record": True,
+    }
+    jiio_kw = {"max_iter": args.jiio_iters, "tol": args.tol, "record": True}
     methods = {
-        "naive": lambda: naive_input_optimization(
-            problem, x0, alpha, outer_steps=args.outer_steps, x_tol=args.x_tol, **naive_kw
-        ),
-        "naive-warm": lambda: naive_input_optimization(
-            problem, x0, alpha, outer_steps=args.outer_steps, x_tol=args.x_tol, warm_start=True, **naive_kw
-        ),
-        "jiio": lambda: jiio(problem, x0, alpha, max_iter=args.jiio_iters, tol=args.tol, record=True),
-        "jiio-anderson": lambda: jiio(
-            problem, x0, alpha, max_iter=args.jiio_iters, tol=args.tol, solver="anderson", m=5, record=True
-        ),
+        "naive": lambda: naive_input_optimization(problem, x0, alpha, **naive_kw),
+        "naive-warm": lambda: naive_input_optimization(problem, x0, alpha, warm_start=True, **naive_kw),
+        "jiio": lambda: jiio(problem, x0, alpha, **jiio_kw),
+        "jiio-anderson": lambda: jiio(problem, x0, alpha, solver="anderson", m=5, **jiio_kw),
     }
     results = {}
     for method, run in methods.items():
