@@ -22,6 +22,12 @@ Conventions shared by all solvers:
 - Candidates are kept by reference, not copied: ``f`` must return a tensor that it does not modify later
   (as any out-of-place PyTorch expression does). The returned iterate may be one of ``f``'s outputs.
 
+On the CPU each evaluation's bookkeeping (residual, scores, best candidate, Gram row, the small solve or
+Broyden update, the next iterate) runs as one fused call of the C extension ``fedeq._fused`` for float32
+and float64 tensors, sample by sample, with the semantics of the PyTorch code below; that code is the
+fallback where the extension is not built, on other devices, and with ``FEDEQ_FUSED=0`` (or
+:func:`set_fused`). Both give the same results up to floating-point round-off.
+
 On the CPU the solvers keep their history buffers between calls (at most 64 MiB of idle ones per
 process), since a fresh multi-megabyte buffer per solve costs more in page faults than the solver's
 arithmetic; a Broyden solve's buffers stay reserved while its returned factors are alive.
@@ -30,6 +36,7 @@ arithmetic; a Broyden solve's buffers stay reserved while its returned factors a
 from __future__ import annotations
 
 import math
+import os
 import threading
 import weakref
 from collections.abc import Callable, Hashable, Sequence
@@ -104,6 +111,49 @@ def _default_check_every(z: Tensor) -> int:
 
 _INF = float("inf")
 
+try:
+    from fedeq import _fused
+except ImportError:  # the extension was not built: the PyTorch code runs everywhere
+    _fused = None
+
+# Flags of a fused step (see fedeq/_fused.c).
+_ALL_IMPROVED, _ANY_STOPPED, _ANY_DIVERGED, _ALL_DONE = 1, 2, 4, 8
+if _fused is not None:
+    assert (_fused.ALL_IMPROVED, _fused.ANY_STOPPED, _fused.ANY_DIVERGED, _fused.ALL_DONE) == (1, 2, 4, 8)
+
+_FUSED_DTYPES = {torch.float32: 0, torch.float64: 1}
+_fused_on = _fused is not None and os.environ.get("FEDEQ_FUSED", "1") != "0"
+
+
+def fused_available() -> bool:
+    """Whether the fused CPU steps (the ``fedeq._fused`` extension) are built."""
+    return _fused is not None
+
+
+def set_fused(enabled: bool) -> bool:
+    """Use the fused CPU steps when available (``True``, the default unless ``FEDEQ_FUSED=0``) or always the
+    PyTorch code (``False``); returns the previous setting."""
+    global _fused_on
+    previous = _fused_on
+    _fused_on = bool(enabled) and _fused is not None
+    return previous
+
+
+def _fused_solve(z: Tensor) -> bool:
+    """Whether a solve on ``z`` (flattened to (B, d)) takes the fused steps."""
+    return _fused_on and z.device.type == "cpu" and z.dtype in _FUSED_DTYPES
+
+
+def _fused_pair(fz: Tensor, z: Tensor) -> bool:
+    """Whether this evaluation can take the fused step: ``f`` kept dtype, device, shape; both contiguous."""
+    return (
+        fz.dtype == z.dtype
+        and fz.device == z.device
+        and fz.shape == z.shape
+        and fz.is_contiguous()
+        and z.is_contiguous()
+    )
+
 
 class _Workspace:
     """Solver buffers (Anderson's history, Broyden's residual basis, ...) kept between calls on the CPU.
@@ -156,6 +206,8 @@ class _Workspace:
 
 
 _WORKSPACE = _Workspace(max_bytes=64 * 2**20)
+_FUSED_MAX_MEM = _fused.MAX_MEM if _fused is not None else 0  # Anderson memory the fused step takes
+_FUSED_MAX_K = _fused.MAX_K if _fused is not None else 0  # Broyden budget the fused step takes
 _MIN_WIDTH = 20  # coefficient products at least this wide take PyTorch's BLAS path (see _BroydenViews)
 
 
@@ -198,6 +250,54 @@ class _Tracker:
         self.any_stopped = not self.host
         self.any_diverged = not self.host
         self.all_improved = self.host
+        self.fused = _fused_solve(z0) and z0.is_contiguous()
+        if self.fused:
+            self._setup_fused(z0)
+
+    def _setup_fused(self, z0: Tensor) -> None:
+        """Buffers and addresses for the fused steps: the threshold and the best candidates are written in
+        place there (``best`` is then either a candidate held by reference or ``_best_own``)."""
+        b, d = z0.shape
+        self._thresh_own = self.thresh
+        self._best_own = torch.empty_like(z0)
+        self._better = torch.empty(b, dtype=torch.uint8)
+        row = b * z0.element_size()
+        self._ptrs = (
+            _FUSED_DTYPES[z0.dtype],
+            b,
+            d,
+            self.abs_tr.data_ptr(),
+            self.rel_tr.data_ptr() if self.rel else 0,
+            self.thresh.data_ptr(),
+            self.diverged.data_ptr(),
+            self._better.data_ptr(),
+            float(self.tol),
+            self._best_own.data_ptr(),
+            row,
+        )
+
+    def fused_args(self) -> tuple:
+        """The tracker's leading arguments of a fused step scoring evaluation ``k``."""
+        if self.thresh is not self._thresh_own:  # the PyTorch path replaced it: bring it back in place
+            self.thresh = self._thresh_own.copy_(self.thresh)
+        dt, b, d, abs_p, rel_p, th_p, div_p, bet_p, tol, own_p, row = self._ptrs
+        off = self.k * row
+        own = self.best is self._best_own
+        prev = 0 if own else self.best.data_ptr()
+        return (dt, b, d, abs_p + off, rel_p + off if rel_p else 0, th_p, div_p, bet_p, tol, prev, own_p, own)
+
+    def fused_done(self, fz: Tensor, flags: int) -> None:
+        """Take the flags of a fused step that scored candidate ``fz``."""
+        self.k += 1
+        if flags & _ALL_IMPROVED:  # every sample's best is this candidate
+            self.best = fz
+        else:
+            self.all_improved = False
+            self.best = self._best_own
+        if flags & _ANY_STOPPED:
+            self.any_stopped = True
+        if flags & _ANY_DIVERGED:
+            self.any_diverged = True
 
     def update(self, z: Tensor, fz: Tensor, out: Tensor | None = None) -> Tensor:
         """Score candidate ``fz`` (pre-image ``z``); return the residual vector ``fz - z`` (in ``out``)."""
@@ -363,9 +463,15 @@ def fixed_point(
     res = _WORKSPACE.take(key, lambda: z.new_empty(z.shape)) if _cached(z) else None  # residual buffer
     for k in range(max_iter):
         fz = g(z)
-        tr.update(z, fz, out=res if fz.dtype == z.dtype else None)
-        if k == last or ((k + 1) % every == 0 and tr.done()):
-            break
+        if tr.fused and res is not None and _fused_pair(fz, z):
+            flags = _fused.score(*tr.fused_args(), fz.data_ptr(), z.data_ptr(), res.data_ptr(), 0, 0, 0)
+            tr.fused_done(fz, flags)
+            if k == last or ((k + 1) % every == 0 and flags & _ALL_DONE):
+                break
+        else:
+            tr.update(z, fz, out=res if fz.dtype == z.dtype else None)
+            if k == last or ((k + 1) % every == 0 and tr.done()):
+                break
         z = fz if damping == 1.0 else torch.lerp(z, fz, damping)
         if tr.any_diverged:
             z = tr.keep_finite(z)
@@ -414,13 +520,40 @@ def anderson(
     tr = _Tracker(x, max_iter, tol, stop_mode, keep_trace)
     every = check_every or _default_check_every(x)
     last = max_iter - 1
+    fused = tr.fused and mem <= _FUSED_MAX_MEM
     for k in range(max_iter):
         fx = g(x)
         slot = k % mem
+        n = min(k + 1, mem)
+        if fused and _fused_pair(fx, x):
+            if k == last:
+                tr.fused_done(
+                    fx, _fused.score(*tr.fused_args(), fx.data_ptr(), x.data_ptr(), st.g_ptr, 0, slot, 0)
+                )
+                break
+            x_new = fx if n == 1 and beta == 1.0 else torch.empty_like(x)
+            flags = _fused.anderson(
+                *tr.fused_args(),
+                fx.data_ptr(),
+                x.data_ptr(),
+                *st.ptrs,
+                st.rows[n - 1].data_ptr(),
+                mem,
+                n,
+                slot,
+                lam + _EPS,
+                beta,
+                0 if x_new is fx else x_new.data_ptr(),
+                st.alphas.data_ptr(),
+            )
+            tr.fused_done(fx, flags)
+            if (k + 1) % every == 0 and flags & _ALL_DONE:
+                break
+            x = tr.keep_finite(x_new) if tr.any_diverged else x_new
+            continue
         if k == last:
             tr.update(x, fx, out=G[slot])
             break
-        n = min(k + 1, mem)
         v = st.views.get((slot, n)) or st.make_views(slot, n)
         torch.sub(fx, x, out=v.g_slot)
         # Inner products of the new residual with the stored ones; its own gives its norm for the tracker.
@@ -477,6 +610,16 @@ class _AndersonState:
         self.H = x.new_empty(b, mem, mem)  # S GGᵀ S + (lam + eps) I, one row/column refreshed per step
         self.lam_eye = torch.eye(mem, dtype=x.dtype, device=x.device).mul_(lam + _EPS)[:, None]
         self.rows = [x.new_empty(b, 1, n) for n in range(1, mem + 1)]  # <g_k, g_i> for each n
+        X_ptr = 0 if self.X is None else self.X.data_ptr()
+        self.g_ptr = self.G.data_ptr()
+        self.ptrs = (
+            self.g_ptr,
+            self.F.data_ptr(),
+            X_ptr,
+            self.S.data_ptr(),
+            self.H.data_ptr(),
+        )  # fused steps
+        self.alphas = x.new_empty(b, mem)  # the fused step's mixing weights
         self.nbytes = (3 if damped else 2) * self.F.numel() * self.F.element_size()
         self.views: dict[tuple[int, int], _AndersonViews] = {}
 
@@ -556,9 +699,28 @@ def broyden(
     Q, dz, zero = st.Q, st.dz, st.zero
     tr = _Tracker(z, max_iter, tol, stop_mode, keep_trace)
     every = check_every or _default_check_every(z)
+    fused = tr.fused and max_iter <= _FUSED_MAX_K
     for k in range(max_iter):
-        v = st.views[k] if k < len(st.views) else st.make_views(k)
         fz = g(z)
+        if fused and _fused_pair(fz, z):
+            done = k == max_iter - 1
+            z_new = None if done else torch.empty_like(z)
+            flags = _fused.broyden(
+                *tr.fused_args(),
+                fz.data_ptr(),
+                z.data_ptr(),
+                *st.ptrs,
+                max_iter,
+                k,
+                int(done),
+                0 if z_new is None else z_new.data_ptr(),
+            )
+            tr.fused_done(fz, flags)
+            if done or ((k + 1) % every == 0 and flags & _ALL_DONE):
+                break
+            z = tr.keep_finite(z_new) if tr.any_diverged else z_new
+            continue
+        v = st.views[k] if k < len(st.views) else st.make_views(k)
         gz = torch.sub(fz, z, out=Q[k])
         if tr.host:
             # g_kᵀ Q: the new row of the Gram matrix; its last entry gives the residual norm.
@@ -643,6 +805,8 @@ class _BroydenState:
         self.neg_eye = -torch.eye(K, dtype=z.dtype, device=z.device)[:, None]  # row k: coefficients of -g_k
         self.zero = z.new_zeros(())
         self.nbytes = sum(t.numel() * t.element_size() for t in (self.Q, self.M, self.CU, self.CV, self.UV))
+        bufs = (self.Q, self.M, self.CU, self.CV, self.UV, self.dz, self.bg_old)
+        self.ptrs = tuple(t.data_ptr() for t in bufs)  # for the fused steps
         self.views: list[_BroydenViews] = []
         self.fresh = True
 
