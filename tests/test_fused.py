@@ -1,5 +1,6 @@
 """The fused CPU steps (fedeq._fused) against the solvers' PyTorch code, which is the reference."""
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -8,12 +9,15 @@ import torch
 from fedeq import solvers
 from fedeq.solvers import BroydenFactors, broyden_transpose_apply, fused_available, set_fused, solve
 
-pytestmark = pytest.mark.skipif(not fused_available(), reason="fedeq._fused is not built")
+requires_fused = pytest.mark.skipif(not fused_available(), reason="fedeq._fused is not built")
 
 
 def test_extension_is_built():
     # `pip install -e .` builds it on any machine with a C compiler (CI included): a silent fallback to
-    # the PyTorch path would hide a broken build behind slower solves.
+    # the PyTorch path would hide a broken build behind slower solves. Not skipped: set FEDEQ_REQUIRE_FUSED=0
+    # to run the suite on a machine without a compiler.
+    if os.environ.get("FEDEQ_REQUIRE_FUSED", "1") == "0":
+        pytest.skip("FEDEQ_REQUIRE_FUSED=0")
     assert fused_available()
 
 
@@ -73,6 +77,7 @@ CASES = [
 ]
 
 
+@requires_fused
 @pytest.mark.parametrize("name,options", CASES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("stop_mode", ["abs", "rel"])
@@ -94,6 +99,7 @@ def test_fused_matches_pytorch_path(name, options, dtype, stop_mode, tol):
         torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-3, atol=1e-6)
 
 
+@requires_fused
 @pytest.mark.parametrize("name", ["fixed_point", "anderson", "broyden"])
 def test_fused_handles_divergent_samples_like_pytorch(name):
     def f(z):  # sample 0 overflows to inf after a few steps, sample 2 turns NaN; the others contract
@@ -110,6 +116,7 @@ def test_fused_handles_divergent_samples_like_pytorch(name):
     assert torch.isfinite(fused[0]).all()
 
 
+@requires_fused
 @pytest.mark.parametrize("name", ["fixed_point", "anderson", "broyden"])
 def test_switching_between_fused_and_pytorch_steps(name):
     """An f whose output is sometimes non-contiguous sends those evaluations down the PyTorch path; the two
@@ -130,6 +137,7 @@ def test_switching_between_fused_and_pytorch_steps(name):
     _assert_same(mixed, ref, torch.float64, factors=name == "broyden")  # tol 1e-7: above round-off
 
 
+@requires_fused
 def test_fused_broyden_factors_are_lazy_and_complete():
     f = _problem(b=4, d=16, dtype=torch.float64, rho=0.8, seed=5)
     _, st, _ = _run(True, f, torch.zeros(4, 16, dtype=torch.float64), "broyden", max_iter=6, tol=1e-30)
@@ -139,6 +147,7 @@ def test_fused_broyden_factors_are_lazy_and_complete():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 
 
+@requires_fused
 def test_fused_is_used_and_can_be_switched_off(monkeypatch):
     calls = []
     real = solvers._fused
