@@ -116,11 +116,11 @@ try:
 except ImportError:  # the extension was not built: the PyTorch code runs everywhere
     _fused = None
 
-# Flags of a fused step (see fedeq/_fused.c).
-_ALL_IMPROVED, _ANY_STOPPED, _ANY_DIVERGED, _ALL_DONE = 1, 2, 4, 8
-if _fused is not None:
-    assert (_fused.ALL_IMPROVED, _fused.ANY_STOPPED, _fused.ANY_DIVERGED, _fused.ALL_DONE) == (1, 2, 4, 8)
-
+# Flags of a fused step and the largest Anderson memory / Broyden budget it takes (see fedeq/_fused.c).
+_FUSED_CONSTANTS = ("ALL_IMPROVED", "ANY_STOPPED", "ANY_DIVERGED", "ALL_DONE", "MAX_MEM", "MAX_K")
+_ALL_IMPROVED, _ANY_STOPPED, _ANY_DIVERGED, _ALL_DONE, _FUSED_MAX_MEM, _FUSED_MAX_K = (
+    [getattr(_fused, c) for c in _FUSED_CONSTANTS] if _fused is not None else [0] * len(_FUSED_CONSTANTS)
+)
 _FUSED_DTYPES = {torch.float32: 0, torch.float64: 1}
 _fused_on = _fused is not None and os.environ.get("FEDEQ_FUSED", "1") != "0"
 
@@ -141,7 +141,7 @@ def set_fused(enabled: bool) -> bool:
 
 def _fused_solve(z: Tensor) -> bool:
     """Whether a solve on ``z`` (flattened to (B, d)) takes the fused steps."""
-    return _fused_on and z.device.type == "cpu" and z.dtype in _FUSED_DTYPES
+    return _fused_on and z.device.type == "cpu" and z.dtype in _FUSED_DTYPES and z.is_contiguous()
 
 
 def _fused_pair(fz: Tensor, z: Tensor) -> bool:
@@ -206,8 +206,6 @@ class _Workspace:
 
 
 _WORKSPACE = _Workspace(max_bytes=64 * 2**20)
-_FUSED_MAX_MEM = _fused.MAX_MEM if _fused is not None else 0  # Anderson memory the fused step takes
-_FUSED_MAX_K = _fused.MAX_K if _fused is not None else 0  # Broyden budget the fused step takes
 _MIN_WIDTH = 20  # coefficient products at least this wide take PyTorch's BLAS path (see _BroydenViews)
 
 
@@ -250,7 +248,7 @@ class _Tracker:
         self.any_stopped = not self.host
         self.any_diverged = not self.host
         self.all_improved = self.host
-        self.fused = _fused_solve(z0) and z0.is_contiguous()
+        self.fused = _fused_solve(z0)
         if self.fused:
             self._setup_fused(z0)
 
@@ -528,7 +526,7 @@ def anderson(
         if fused and _fused_pair(fx, x):
             if k == last:
                 tr.fused_done(
-                    fx, _fused.score(*tr.fused_args(), fx.data_ptr(), x.data_ptr(), st.g_ptr, 0, slot, 0)
+                    fx, _fused.score(*tr.fused_args(), fx.data_ptr(), x.data_ptr(), st.ptrs[0], 0, slot, 0)
                 )
                 break
             x_new = fx if n == 1 and beta == 1.0 else torch.empty_like(x)
@@ -610,15 +608,8 @@ class _AndersonState:
         self.H = x.new_empty(b, mem, mem)  # S GGᵀ S + (lam + eps) I, one row/column refreshed per step
         self.lam_eye = torch.eye(mem, dtype=x.dtype, device=x.device).mul_(lam + _EPS)[:, None]
         self.rows = [x.new_empty(b, 1, n) for n in range(1, mem + 1)]  # <g_k, g_i> for each n
-        X_ptr = 0 if self.X is None else self.X.data_ptr()
-        self.g_ptr = self.G.data_ptr()
-        self.ptrs = (
-            self.g_ptr,
-            self.F.data_ptr(),
-            X_ptr,
-            self.S.data_ptr(),
-            self.H.data_ptr(),
-        )  # fused steps
+        bufs = (self.G, self.F, self.X, self.S, self.H)
+        self.ptrs = tuple(0 if t is None else t.data_ptr() for t in bufs)  # for the fused steps
         self.alphas = x.new_empty(b, mem)  # the fused step's mixing weights
         self.nbytes = (3 if damped else 2) * self.F.numel() * self.F.element_size()
         self.views: dict[tuple[int, int], _AndersonViews] = {}
