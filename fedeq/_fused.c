@@ -96,6 +96,15 @@ FUSED_CLONES static int broyden_any(int dbl, const Track *t, void *fz, void *z, 
     return broyden_f32(t, fz, z, Q, M, CU, CV, UV, DZ, BG, K, k, last, z_new);
 }
 
+FUSED_CLONES static void tapply_any(int dbl, void *q, int64_t qs, int64_t qr, void *kk, int64_t ks, int64_t kr,
+                                    void *w, void *out, int64_t b, int64_t N, int64_t d)
+{
+    if (dbl)
+        tapply_f64(q, qs, qr, kk, ks, kr, w, out, b, N, d);
+    else
+        tapply_f32(q, qs, qr, kk, ks, kr, w, out, b, N, d);
+}
+
 /* ------------------------------------------------------------------------------------ argument parsing */
 
 #define TRACK_NARGS 12 /* dbl, b, d, abs_tr, rel_tr, thresh, diverged, better, tol, best_prev, best_own, own */
@@ -199,6 +208,28 @@ static PyObject *py_broyden(PyObject *self, PyObject *const *a, Py_ssize_t nargs
     Py_END_ALLOW_THREADS return PyLong_FromLong(flags);
 }
 
+static PyObject *py_broyden_tapply(PyObject *self, PyObject *const *a, Py_ssize_t nargs)
+{
+    /* dbl, b, N, d, q, q_sample_stride, q_row_stride, k, k_sample_stride, k_row_stride, w, out (strides in
+     * elements) */
+    if (nargs != 12) {
+        PyErr_Format(PyExc_TypeError, "expected 12 arguments, got %zd", nargs);
+        return NULL;
+    }
+    int64_t dbl, b, N, d, qs, qr, ks, kr;
+    void *q, *kk, *w, *out;
+    if (!(as_i64(a[0], &dbl) && as_i64(a[1], &b) && as_i64(a[2], &N) && as_i64(a[3], &d) && as_ptr(a[4], &q) &&
+          as_i64(a[5], &qs) && as_i64(a[6], &qr) && as_ptr(a[7], &kk) && as_i64(a[8], &ks) &&
+          as_i64(a[9], &kr) && as_ptr(a[10], &w) && as_ptr(a[11], &out)))
+        return NULL;
+    if (N < 1 || N > FUSED_MAX_K) {
+        PyErr_SetString(PyExc_ValueError, "broyden_tapply: basis size out of range for the fused step");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS tapply_any((int)dbl, q, qs, qr, kk, ks, kr, w, out, b, N, d);
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"score", (PyCFunction)(void (*)(void))py_score, METH_FASTCALL,
      "Score one evaluation (residual into the history slot, trace rows, tracker state); returns flags."},
@@ -206,6 +237,8 @@ static PyMethodDef methods[] = {
      "One fused Anderson evaluation: score, store, Gram update, small solve and mix; returns flags."},
     {"broyden", (PyCFunction)(void (*)(void))py_broyden, METH_FASTCALL,
      "One fused Broyden evaluation in the residual basis: score, Gram row, rank-one update, step."},
+    {"broyden_tapply", (PyCFunction)(void (*)(void))py_broyden_tapply, METH_FASTCALL,
+     "-B^T w = w - Q K^T Q^T w per sample, from Broyden's residual basis Q and coefficients K."},
     {NULL, NULL, 0, NULL},
 };
 

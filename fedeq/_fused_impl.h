@@ -399,3 +399,23 @@ FUSED_INLINE int SFX(broyden)(const Track *t, const REAL *fz, const REAL *z, REA
     SFX(settle_best)(t, flags, fz);
     return flags;
 }
+
+/* -Bᵀ w = w - Q Kᵀ Qᵀ w per sample (fedeq.solvers.broyden_transpose_apply on the residual basis): sample
+ * j's basis rows at q + j * qs + i * qr (i < N), its coefficients K at kk + j * ks (row stride kr); w and
+ * out are (b, d). Qᵀ w and the combination read the sample's rows back to back, the second time from
+ * cache. */
+FUSED_INLINE void SFX(tapply)(const REAL *q, int64_t qs, int64_t qr, const REAL *kk, int64_t ks, int64_t kr,
+                              const REAL *w, REAL *out, int64_t b, int64_t N, int64_t d)
+{
+    REAL a[FUSED_MAX_K], c[FUSED_MAX_K];
+    for (int64_t j = 0; j < b; j++) {
+        const REAL *qj = q + j * qs, *kj = kk + j * ks, *wj = w + j * d;
+        SFX(gram_row)(wj, qj, qr, N, -1, d, a); /* a = Qᵀ w */
+        for (int64_t e = 0; e < N; e++) {       /* c = -Kᵀ a */
+            REAL s = 0;
+            for (int64_t i = 0; i < N; i++) s += a[i] * kj[i * kr + e];
+            c[e] = -s;
+        }
+        SFX(combine)(out + j * d, wj, qj, qr, c, N, d);
+    }
+}

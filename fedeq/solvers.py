@@ -868,6 +868,15 @@ class BroydenFactors(Sequence):
 def broyden_transpose_apply(factors: Sequence[Tensor], w: Tensor) -> Tensor:
     """``-Bᵀ w = w - V (Uᵀ w)`` for ``w`` of shape (B, d), with ``B = -I + U Vᵀ`` from ``factors``."""
     if isinstance(factors, BroydenFactors) and factors._uv is None:
+        if _fused_tapply(factors, w):
+            Q, K = factors._q, factors._k
+            out = torch.empty_like(w)
+            b, N, d = Q.shape
+            _fused.broyden_tapply(
+                _FUSED_DTYPES[w.dtype], b, N, d, Q.data_ptr(), Q.stride(0), Q.stride(1),
+                K.data_ptr(), K.stride(0), K.stride(1), w.data_ptr(), out.data_ptr(),
+            )  # fmt: skip
+            return out
         Q = factors._q.to(w.dtype)
         a = torch.bmm(w[:, None], Q.mT)  # Qᵀ w
         return torch.baddbmm(w[:, None], torch.bmm(a, factors._k.to(w.dtype)), Q, alpha=-1)[:, 0]  # Q Kᵀ Qᵀ w
@@ -875,6 +884,23 @@ def broyden_transpose_apply(factors: Sequence[Tensor], w: Tensor) -> Tensor:
     # The vector goes on the left of each batched product (much faster than the other way on the CPU).
     c = torch.bmm(w[:, None], U.to(w.dtype).mT)
     return torch.baddbmm(w[:, None], c, V.to(w.dtype), alpha=-1)[:, 0]
+
+
+def _fused_tapply(factors: BroydenFactors, w: Tensor) -> bool:
+    """Whether :func:`broyden_transpose_apply` can take the fused CPU path: same dtype everywhere, rows
+    contiguous, ``w`` a contiguous (B, d) batch, and no graph to record."""
+    Q, K = factors._q, factors._k
+    return (
+        _fused_solve(w)
+        and w.dim() == 2
+        and Q.dtype == K.dtype == w.dtype
+        and Q.device == w.device
+        and w.shape == (Q.shape[0], Q.shape[2])
+        and 1 <= Q.shape[1] <= _FUSED_MAX_K
+        and Q.stride(2) == 1
+        and K.stride(2) == 1
+        and not (torch.is_grad_enabled() and w.requires_grad)
+    )
 
 
 def _broyden_explicit(

@@ -177,3 +177,59 @@ def test_fused_is_used_and_can_be_switched_off(monkeypatch):
     calls.clear()
     _run(True, lambda z: 0.5 * z + 1, z0.half(), "fixed_point", max_iter=3, tol=1e-30)  # float16: PyTorch
     assert calls == []
+
+
+def _broyden_factors(dtype: torch.dtype, b: int = 6, d: int = 24, max_iter: int = 9):
+    f = _problem(b=b, d=d, dtype=dtype, rho=0.9, seed=7)
+    _, st, _ = _run(True, f, torch.zeros(b, d, dtype=dtype), "broyden", max_iter=max_iter, tol=1e-30)
+    return st.broyden_factors
+
+
+@requires_fused
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("max_iter", [2, 9])
+def test_fused_transpose_apply_matches_pytorch_path(dtype, max_iter):
+    factors = _broyden_factors(dtype, max_iter=max_iter)
+    w = torch.randn(6, 24, dtype=dtype, generator=torch.Generator().manual_seed(8))
+    fused = broyden_transpose_apply(factors, w)
+    previous = set_fused(False)
+    try:
+        ref = broyden_transpose_apply(factors, w)
+    finally:
+        set_fused(previous)
+    U, V = factors  # the dense form, -Bᵀ w = w - V Uᵀ w, formed only after both paths ran on (Q, K)
+    dense = w - torch.einsum("bnd,bn->bd", V, torch.einsum("bnd,bd->bn", U, w))
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused, ref, **tol)
+    torch.testing.assert_close(fused, dense, **tol)
+    assert not torch.allclose(fused, w)  # the low-rank term is not negligible
+
+
+@requires_fused
+def test_fused_transpose_apply_is_used_only_where_it_applies(monkeypatch):
+    calls = []
+    real = solvers._fused.broyden_tapply
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(solvers._fused, "broyden_tapply", spy, raising=False)
+    factors = _broyden_factors(torch.float64)
+    w = torch.randn(6, 24, dtype=torch.float64)
+    broyden_transpose_apply(factors, w)
+    assert len(calls) == 1
+    # A graph to record (w requires grad), another dtype, or a non-contiguous w: the PyTorch path, which
+    # gives the same numbers and, with grad, the gradient.
+    wg = w.clone().requires_grad_(True)
+    out = broyden_transpose_apply(factors, wg)
+    out.sum().backward()
+    assert wg.grad is not None and len(calls) == 1
+    torch.testing.assert_close(out.detach(), broyden_transpose_apply(factors, w))
+    assert len(calls) == 2
+    broyden_transpose_apply(factors, w.float())
+    broyden_transpose_apply(factors, w.T.contiguous().T)
+    assert len(calls) == 2
+    with pytest.raises(RuntimeError):  # a batch that does not match the factors' is not read out of bounds
+        broyden_transpose_apply(factors, torch.randn(7, 24, dtype=torch.float64))
+    assert len(calls) == 2

@@ -7,6 +7,14 @@ All three columns run in one process, on the same ``f`` module with the same wei
   same input injection and head before and after it.
 - ``limit``: the same number of plain ``f`` evaluations without gradient, one ``f`` with a graph, and the
   same number of vector-Jacobian products (``g ← J_fᵀ g + w``), with no solver bookkeeping at all.
+- ``floor`` (Anderson and Broyden): the ``limit`` plus, after each evaluation, only the memory traffic the
+  solver's history makes necessary, without its arithmetic: the rows a step stores are written (Anderson:
+  the residual and the candidate; Broyden: the residual) and the stored rows a step reads are read once
+  each with one ``torch.sum`` (Anderson: the ``2n`` rows of its ``n`` slots, for the Gram row and the mix;
+  Broyden: its ``k`` residuals twice, for ``Qᵀ g`` and ``z - Q c``). Nothing is moved at the last
+  evaluation of a solve, which only scores. Interleaved with the real ``f``, this is what a step costs on
+  this machine when its history does not stay in cache: no implementation that keeps the same history in
+  the same precision can be faster than ``floor``.
 
 The tolerance is tiny so both libraries spend their whole budget; a census run (untimed) counts the calls
 of ``f`` and the VJPs of each column with hooks and fails if the two libraries differ. TorchDEQ's Broyden
@@ -202,16 +210,62 @@ def torchdeq_step(
     return loss.backward
 
 
+class HistoryTraffic:
+    """The memory traffic of a solver's history without its arithmetic (the ``floor`` column).
+
+    Called after every evaluation of a solve of ``iters`` evaluations with its output: stores the rows the
+    solver stores and reads the stored rows it reads (see the module docstring). :meth:`start` begins a
+    solve (the forward and the backward solve each have their own history).
+    """
+
+    def __init__(self, solver: str, like: Tensor, iters: int) -> None:
+        self.solver, self.iters = solver, iters
+        self.b = like.shape[0]
+        self.d = like[0].numel()
+        rows = 2 * ANDERSON_M if solver == "anderson" else iters
+        self.buf = like.new_empty(rows, self.b, self.d)
+        self.k = 0
+
+    def start(self) -> None:
+        self.k = 0
+
+    def __call__(self, out: Tensor) -> None:
+        k, self.k = self.k, self.k + 1
+        if k >= self.iters - 1:  # the last evaluation only scores
+            return
+        flat = out.detach().reshape(self.b, self.d)
+        if self.solver == "anderson":
+            slot, n = k % ANDERSON_M, min(k + 1, ANDERSON_M)
+            self.buf[2 * slot : 2 * slot + 2].copy_(flat.expand(2, self.b, self.d))
+            if n > 1:
+                torch.sum(self.buf[: 2 * n])
+        else:
+            self.buf[k].copy_(flat)
+            if k > 0:
+                torch.sum(self.buf[:k])
+                torch.sum(self.buf[:k])
+
+
 def limit_step(
-    model: nn.Module, case: Case, nf: int, nb: int, info: dict | None = None
+    model: nn.Module,
+    case: Case,
+    nf: int,
+    nb: int,
+    info: dict | None = None,
+    traffic: HistoryTraffic | None = None,
 ) -> Callable[[], None]:
-    """``nf`` plain evaluations, one with a graph, ``nb`` VJPs and the final backward: nothing else."""
+    """``nf`` plain evaluations, one with a graph, ``nb`` VJPs and the final backward: nothing else but,
+    with ``traffic`` (the ``floor`` column), a solver history's memory traffic after each evaluation."""
     ctx, z0 = case.pre(model, case.x)
     cell = model.deq.func
+    touch = traffic or (lambda out: None)
     with torch.no_grad():
         z = z0
+        if traffic is not None:
+            traffic.start()
         for _ in range(nf):
             z = cell(z, ctx)
+            touch(z)
     z = z.requires_grad_()
     fz = cell(z, ctx)
     zh = fz.detach().requires_grad_()
@@ -223,8 +277,11 @@ def limit_step(
         loss.backward()  # head gradients and w = dL/dz*
         w = zh.grad
         g = w
+        if traffic is not None:
+            traffic.start()
         for _ in range(nb):
             g_new = torch.autograd.grad(fz, z, g, retain_graph=True)[0] + w
+            touch(g_new)
             if info is not None:
                 info["res_b"] = float((g_new - g).flatten(1).norm(dim=1).mean())
             g = g_new
@@ -360,8 +417,14 @@ def bench_solver(case: Case, solver: str, args: argparse.Namespace, device: torc
         "torchdeq": lambda: torchdeq_step(model, tdeq, case),
         "limit": lambda: limit_step(model, case, nf, nb),
     }
+    if solver != "fixed_point":  # fixed-point iteration keeps no history: its floor is the limit
+        with torch.no_grad():
+            like = case.pre(model, case.x)[1]
+        traffic = HistoryTraffic(solver, like, args.iters)
+        steps["floor"] = lambda: limit_step(model, case, nf, nb, traffic=traffic)
     for who, step in steps.items():
-        row.mem[who] = peak_memory_mb(step, model, device)
+        if who != "floor":
+            row.mem[who] = peak_memory_mb(step, model, device)
     for _ in range(args.warmup):
         for step in steps.values():
             timed(step, model, device)
@@ -425,25 +488,30 @@ def reuse_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str, 
 # ------------------------------------------------------------------------------------------ output
 
 COLUMNS = [
-    "case", "solver", "fedeq_ms", "torchdeq_ms", "limit_ms",
-    "fedeq/limit", "torchdeq/limit", "fedeq/torchdeq", "nfe_f", "vjp",
+    "case", "solver", "fedeq_ms", "torchdeq_ms", "limit_ms", "floor_ms",
+    "fedeq/limit", "torchdeq/limit", "fedeq/torchdeq", "floor/limit", "fedeq/floor", "nfe_f", "vjp",
     "f_grad_fedeq", "f_grad_torchdeq", "mem_fedeq_mb", "mem_torchdeq_mb", "mem_limit_mb",
     "res_f_fedeq", "res_f_torchdeq", "res_f_limit", "res_b_fedeq", "res_b_torchdeq", "res_b_limit",
     "fwd_ms_fedeq", "bwd_ms_fedeq", "fwd_ms_torchdeq", "bwd_ms_torchdeq", "fwd_ms_limit", "bwd_ms_limit",
+    "fwd_ms_floor", "bwd_ms_floor",
 ]  # fmt: skip
 
 
 def row_record(r: Row) -> dict[str, Any]:
     f, t, lim = r.ms("fedeq"), r.ms("torchdeq"), r.ms("limit")
+    floor = "floor" if "floor" in r.times else "limit"
     rec: dict[str, Any] = {
         "case": r.case,
         "solver": r.solver,
         "fedeq_ms": f,
         "torchdeq_ms": t,
         "limit_ms": lim,
+        "floor_ms": r.ms(floor),
         "fedeq/limit": r.ratio("fedeq", "limit"),
         "torchdeq/limit": r.ratio("torchdeq", "limit"),
         "fedeq/torchdeq": r.ratio("fedeq", "torchdeq"),
+        "floor/limit": r.ratio(floor, "limit"),
+        "fedeq/floor": r.ratio("fedeq", floor),
         "nfe_f": r.counts["fedeq"]["f_nograd"],
         "vjp": r.counts["fedeq"]["vjp"],
         "f_grad_fedeq": r.counts["fedeq"]["f_grad"],
@@ -455,6 +523,7 @@ def row_record(r: Row) -> dict[str, Any]:
         rec[f"res_b_{who}"] = r.res[who]["res_b"]
         rec[f"fwd_ms_{who}"] = r.ms(who, "fwd")
         rec[f"bwd_ms_{who}"] = r.ms(who, "bwd")
+    rec["fwd_ms_floor"], rec["bwd_ms_floor"] = r.ms(floor, "fwd"), r.ms(floor, "bwd")
     return rec
 
 
@@ -462,13 +531,14 @@ def print_table(records: list[dict[str, Any]], mem_label: str) -> None:
     headers = [
         ("case", "case"), ("solver", "solver"), ("fedeq ms", "fedeq_ms"), ("torchdeq ms", "torchdeq_ms"),
         ("limit ms", "limit_ms"), ("fedeq/lim", "fedeq/limit"), ("tdeq/lim", "torchdeq/limit"),
-        ("fedeq/tdeq", "fedeq/torchdeq"), ("nfe f/vjp", None), (f"{mem_label} MB f/t/lim", None),
+        ("fedeq/tdeq", "fedeq/torchdeq"), ("floor/lim", "floor/limit"), ("fedeq/floor", "fedeq/floor"),
+        ("nfe f/vjp", None), (f"{mem_label} MB f/t/lim", None),
         ("res fwd f | t", None), ("res bwd f | t", None),
     ]  # fmt: skip
     lines = []
     for rec in records:
         cells = []
-        for _, key in headers[:8]:
+        for _, key in headers[:10]:
             v = rec[key]
             cells.append(f"{v:.2f}" if "/" in key else f"{v:.1f}" if isinstance(v, float) else str(v))
         cells.append(f"{rec['nfe_f']}/{rec['vjp']}")
