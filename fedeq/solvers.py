@@ -35,6 +35,7 @@ arithmetic; a Broyden solve's buffers stay reserved while its returned factors a
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -44,6 +45,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from fedeq._graphs import GraphCache, cuda_graphs_enabled
 
 Tensor = torch.Tensor
 Func = Callable[[Tensor], Tensor]
@@ -231,13 +234,18 @@ class _Tracker:
     masked update and the host looks at the batch every ``check_every`` evaluations only.
     """
 
-    def __init__(self, z0: Tensor, max_iter: int, tol: float, stop_mode: str, keep_trace: bool) -> None:
+    def __init__(
+        self, z0: Tensor, max_iter: int, tol: float, stop_mode: str, keep_trace: bool, static: bool = False
+    ) -> None:
         b = z0.shape[0]
         self.tol = tol
         self.rel = stop_mode == "rel"
-        self.host = _host_checks(z0)
+        # Static: every solve of one signature reuses this tracker, whose best candidate and threshold are
+        # buffers updated in place (fixed addresses, as CUDA graphs need); see :meth:`reset`.
+        self.static = static
+        self.host = _host_checks(z0) and not static
         self.keep_trace = keep_trace
-        self.best = self.z0 = z0
+        self.best = self.z0 = z0.clone() if static else z0
         self.thresh = torch.full((b,), _INF, device=z0.device, dtype=z0.dtype)
         self.abs_tr = z0.new_empty(max_iter, b)
         self.rel_tr = z0.new_empty(max_iter, b) if self.rel else None
@@ -248,9 +256,17 @@ class _Tracker:
         self.any_stopped = not self.host
         self.any_diverged = not self.host
         self.all_improved = self.host
-        self.fused = _fused_solve(z0)
+        self.fused = _fused_solve(z0) and not static
         if self.fused:
             self._setup_fused(z0)
+
+    def reset(self, z0: Tensor, keep_trace: bool) -> None:
+        """Start another solve from ``z0`` on a static tracker's buffers."""
+        self.best.copy_(z0)
+        self.thresh.fill_(_INF)
+        self.diverged.zero_()
+        self.k = 0
+        self.keep_trace = keep_trace
 
     def _setup_fused(self, z0: Tensor) -> None:
         """Buffers and addresses for the fused steps: the threshold and the best candidates are written in
@@ -337,8 +353,12 @@ class _Tracker:
                 return
         active = thresh > -_INF
         better = s < thresh  # False for NaN, inf and frozen samples (thresh = -inf)
-        self.best = torch.where(better[:, None], fz, self.best)
-        thresh = self.thresh = torch.where(better, s, thresh)
+        if self.static:
+            torch.where(better[:, None], fz, self.best, out=self.best)
+            torch.where(better, s, thresh, out=thresh)
+        else:
+            self.best = torch.where(better[:, None], fz, self.best)
+            thresh = self.thresh = torch.where(better, s, thresh)
         stop = torch.nan_to_num(s, nan=0.0, posinf=0.0) <= self.tol  # converged or non-finite
         thresh.masked_fill_(stop, -_INF)
         div = stop & active & ~torch.isfinite(r)
@@ -414,7 +434,8 @@ class _Tracker:
             trace=trace,
             **kwargs,
         )
-        best = self.best.clone() if self.best is self.z0 else self.best  # never hand back the caller's z0
+        # Never hand back the caller's z0, nor a static tracker's buffer that the next solve overwrites.
+        best = self.best.clone() if self.static or self.best is self.z0 else self.best
         return best.reshape(shape), stats
 
 
@@ -434,6 +455,81 @@ def _finite_rows(x: Tensor, host: bool) -> Tensor | None:
     if host and math.isfinite(x.sum()):
         return None
     return torch.isfinite(x.sum(dim=1, keepdim=True))
+
+
+_GRAPHS = GraphCache()
+
+
+def _graphed(z: Tensor) -> bool:
+    """Whether a solve on ``z`` replays its bookkeeping as CUDA graphs (see :mod:`fedeq._graphs`)."""
+    return z.device.type == "cuda" and cuda_graphs_enabled() and not torch.cuda.is_current_stream_capturing()
+
+
+class _GraphState:
+    """The buffers of one solve signature's graphed steps: a static tracker, the staged candidate ``fx``,
+    the iterate ``x`` it came from (overwritten by the next one), a residual and the solver's own state."""
+
+    def __init__(self, z: Tensor, max_iter: int, tol: float, stop_mode: str, solver: Any = None) -> None:
+        self.tracker = _Tracker(z, max_iter, tol, stop_mode, keep_trace=False, static=True)
+        self.x = torch.empty_like(z)
+        self.fx = torch.empty_like(z)
+        self.res = torch.empty_like(z)
+        self.solver = solver
+
+
+def _graph_solve(
+    key: Hashable,
+    f: Func,
+    z: Tensor,
+    shape: torch.Size,
+    max_iter: int,
+    tol: float,
+    stop_mode: str,
+    keep_trace: bool,
+    every: int,
+    make_solver: Callable[[], Any],
+    step: Callable[[_GraphState, int, bool], None],
+) -> tuple[Tensor, SolverStats] | None:
+    """A solve whose bookkeeping ``step(state, k, last)`` (graph-safe, on the state's buffers) is replayed
+    as CUDA graphs: per evaluation ``f`` runs eagerly, its output is staged into ``state.fx``, one graph
+    launch scores it and writes the next iterate to ``state.x``, which ``f`` gets as a copy (so its inputs
+    stay valid). ``None`` when the signature's state serves another solve."""
+    entry = _GRAPHS.take(key, lambda: _GraphState(z, max_iter, tol, stop_mode, make_solver()), z.device)
+    if entry is None:
+        return None
+    try:
+        gs = entry.state
+        tr = gs.tracker
+        tr.reset(z, keep_trace)
+        gs.x.copy_(z)
+        x, last = z, max_iter - 1
+        for k in range(max_iter):
+            fx = f(x)
+            if fx.shape != gs.fx.shape:
+                raise ValueError(f"f returned shape {tuple(fx.shape)} for an input of shape {tuple(x.shape)}")
+            gs.fx.copy_(fx)
+            tr.k = k
+            entry.run(k, functools.partial(step, gs, k, k == last))
+            tr.k = k + 1
+            if k == last or ((k + 1) % every == 0 and tr.done()):
+                break
+            x = gs.x.clone()
+        return tr.stats(shape)
+    finally:
+        _GRAPHS.give(key, entry)
+
+
+def _no_state() -> None:
+    return None
+
+
+def _fixed_point_graph_step(gs: _GraphState, k: int, last: bool, damping: float) -> None:
+    """Evaluation ``k``'s bookkeeping on a graph state's buffers; the next iterate goes to ``gs.x``."""
+    tr = gs.tracker
+    tr.update(gs.x, gs.fx, out=gs.res)
+    if not last:
+        nxt = gs.fx if damping == 1.0 else torch.lerp(gs.x, gs.fx, damping)
+        torch.where(tr.diverged[:, None], tr.best, nxt, out=gs.x)
 
 
 @torch.no_grad()
@@ -456,6 +552,14 @@ def fixed_point(
     z = z0.reshape(shape[0], -1)
     tr = _Tracker(z, max_iter, tol, stop_mode, keep_trace)
     every = check_every or _default_check_every(z)
+    if _graphed(z):
+        signature = ("fixed_point", *z.shape, z.dtype, z.device, max_iter, tol, stop_mode, damping)
+        step = functools.partial(_fixed_point_graph_step, damping=damping)
+        out = _graph_solve(
+            signature, g, z, shape, max_iter, tol, stop_mode, keep_trace, every, _no_state, step
+        )
+        if out is not None:
+            return out
     last = max_iter - 1
     key = ("fixed_point", *z.shape, z.dtype)
     res = _WORKSPACE.take(key, lambda: z.new_empty(z.shape)) if _cached(z) else None  # residual buffer
@@ -511,10 +615,17 @@ def anderson(
     x = z0.reshape(shape[0], -1)
     b, d = x.shape
     mem = min(m, max_iter)
-    key = ("anderson", b, d, mem, x.dtype, lam, beta != 1.0)
     make = lambda: _AndersonState(x, mem, lam, beta != 1.0)  # noqa: E731
+    if _graphed(x):
+        signature = ("anderson", b, d, x.dtype, x.device, max_iter, tol, stop_mode, mem, lam, beta)
+        step = functools.partial(_anderson_graph_step, beta=beta)
+        every = check_every or _default_check_every(x)
+        out = _graph_solve(signature, g, x, shape, max_iter, tol, stop_mode, keep_trace, every, make, step)
+        if out is not None:
+            return out
+    key = ("anderson", b, d, mem, x.dtype, lam, beta != 1.0)
     st = _WORKSPACE.take(key, make) if _cached(x) else make()
-    G, X = st.G, st.X
+    G = st.G
     tr = _Tracker(x, max_iter, tol, stop_mode, keep_trace)
     every = check_every or _default_check_every(x)
     last = max_iter - 1
@@ -553,43 +664,62 @@ def anderson(
             tr.update(x, fx, out=G[slot])
             break
         v = st.views.get((slot, n)) or st.make_views(slot, n)
-        torch.sub(fx, x, out=v.g_slot)
-        # Inner products of the new residual with the stored ones; its own gives its norm for the tracker.
-        row = torch.bmm(v.g_row, v.g_hist, out=v.row)  # (b, 1, n)
-        r = torch.sqrt(v.row_self, out=tr.abs_row())
-        tr.score(fx, r)
+        x_new = _anderson_mix(st, v, tr, fx, x, n, beta)
         if (k + 1) % every == 0 and tr.done():
             break
-        v.f_slot.copy_(fx)
-        if X is not None:
-            v.x_slot.copy_(x)
-        # Jacobi scaling by S = diag(1/||g_i||) (floored): the scaled system (S GGᵀ S + lam I) y' = S 1,
-        # y = S y', is the one in the docstring, better conditioned. New row (and column) of the scaled
-        # matrix: s_k s_i <g_k, g_i> plus (lam + eps) on the diagonal.
-        torch.clamp_min(r, _EPS**0.5, out=v.s_slot).reciprocal_()
-        row = torch.addcmul(v.lam_row, row, v.s_row * v.s_new)
-        v.h_row.copy_(row)
-        v.h_col.copy_(row)
-        if n == 1:
-            x_new = fx if beta == 1.0 else torch.lerp(x, fx, beta)
-        else:
-            A = v.h if tr.all_active else torch.nan_to_num(v.h, nan=0.0, posinf=0.0, neginf=0.0)
-            y = torch.linalg.solve_ex(A, v.s)[0].mul_(v.s)
-            alpha = y.div_(y.sum(dim=1, keepdim=True)).mT  # (b, 1, n)
-            x_new = torch.bmm(alpha, v.f)[:, 0]
-            if X is not None:
-                x_new = torch.lerp(torch.bmm(alpha, v.x)[:, 0], x_new, beta)
-            if tr.host and tr.all_active:
-                # Every stored candidate is finite, so only non-finite weights make a non-finite mix.
-                ok = None if math.isfinite(alpha.sum()) else torch.isfinite(alpha.sum(dim=2))
-            else:
-                ok = _finite_rows(x_new, tr.host)
-            if ok is not None:
-                x_new = torch.where(ok, x_new, fx)
         x = tr.keep_finite(x_new) if tr.any_diverged else x_new
     if _cached(x):
         _WORKSPACE.give(key, st, st.nbytes)
     return tr.stats(shape)
+
+
+def _anderson_mix(
+    st: _AndersonState, v: _AndersonViews, tr: _Tracker, fx: Tensor, x: Tensor, n: int, beta: float
+) -> Tensor:
+    """One Anderson evaluation's bookkeeping after ``f``: score ``fx``, add it to the history (slot and
+    ``n`` of ``v``) and return the next iterate (before :meth:`_Tracker.keep_finite`)."""
+    torch.sub(fx, x, out=v.g_slot)
+    # Inner products of the new residual with the stored ones; its own gives its norm for the tracker.
+    row = torch.bmm(v.g_row, v.g_hist, out=v.row)  # (b, 1, n)
+    r = torch.sqrt(v.row_self, out=tr.abs_row())
+    tr.score(fx, r)
+    v.f_slot.copy_(fx)
+    if st.X is not None:
+        v.x_slot.copy_(x)
+    # Jacobi scaling by S = diag(1/||g_i||) (floored): the scaled system (S GGᵀ S + lam I) y' = S 1,
+    # y = S y', is the one in the docstring, better conditioned. New row (and column) of the scaled
+    # matrix: s_k s_i <g_k, g_i> plus (lam + eps) on the diagonal.
+    torch.clamp_min(r, _EPS**0.5, out=v.s_slot).reciprocal_()
+    row = torch.addcmul(v.lam_row, row, v.s_row * v.s_new)
+    v.h_row.copy_(row)
+    v.h_col.copy_(row)
+    if n == 1:
+        return fx if beta == 1.0 else torch.lerp(x, fx, beta)
+    A = v.h if tr.all_active else torch.nan_to_num(v.h, nan=0.0, posinf=0.0, neginf=0.0)
+    y = torch.linalg.solve_ex(A, v.s)[0].mul_(v.s)
+    alpha = y.div_(y.sum(dim=1, keepdim=True)).mT  # (b, 1, n)
+    x_new = torch.bmm(alpha, v.f)[:, 0]
+    if st.X is not None:
+        x_new = torch.lerp(torch.bmm(alpha, v.x)[:, 0], x_new, beta)
+    if tr.host and tr.all_active:
+        # Every stored candidate is finite, so only non-finite weights make a non-finite mix.
+        ok = None if math.isfinite(alpha.sum()) else torch.isfinite(alpha.sum(dim=2))
+    else:
+        ok = _finite_rows(x_new, tr.host)
+    return x_new if ok is None else torch.where(ok, x_new, fx)
+
+
+def _anderson_graph_step(gs: _GraphState, k: int, last: bool, beta: float) -> None:
+    """Evaluation ``k``'s bookkeeping on a graph state's buffers; the next iterate goes to ``gs.x``."""
+    st, tr = gs.solver, gs.tracker
+    mem = st.F.shape[0]
+    slot, n = k % mem, min(k + 1, mem)
+    if last:
+        tr.update(gs.x, gs.fx, out=st.G[slot])
+        return
+    v = st.views.get((slot, n)) or st.make_views(slot, n)
+    x_new = _anderson_mix(st, v, tr, gs.fx, gs.x, n, beta)
+    torch.where(tr.diverged[:, None], tr.best, x_new, out=gs.x)
 
 
 class _AndersonState:

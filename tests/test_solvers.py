@@ -269,3 +269,89 @@ def test_kept_buffers_work_in_and_out_of_inference_mode(name):
     with torch.inference_mode():
         c, _ = solve(f, z0, name, max_iter=9, tol=1e-30)
     assert torch.equal(a, b) and torch.equal(b, c)
+
+
+GRAPH_CASES = [
+    ("fixed_point", {}),
+    ("fixed_point", {"damping": 0.7}),
+    ("anderson", {"m": 4}),
+    ("anderson", {"m": 3, "beta": 0.6}),
+]
+
+
+def _graph_problem(d: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(5, d, generator=g, dtype=torch.float64)
+    c[2] *= 4.0
+
+    def f(z):
+        out = torch.tanh(0.7 * z.roll(1, 1) + c)
+        out[3] = torch.exp(z[3].abs() * 40 + 40)  # diverges
+        return out
+
+    return f, torch.zeros_like(c)
+
+
+@pytest.mark.parametrize("name,options", GRAPH_CASES)
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+def test_graphed_path_matches_host_path(name, options, stop_mode, monkeypatch):
+    # On CUDA the bookkeeping runs on one signature's fixed buffers (replayed as CUDA graphs); force that
+    # path on the CPU, where its steps run eagerly, and compare solve after solve with the host path.
+    from fedeq import solvers
+
+    kw = dict(max_iter=18, tol=1e-8, stop_mode=stop_mode, keep_trace=True, **options)
+    problems = [_graph_problem(12, seed) for seed in (0, 1, 2)]
+    refs = [solve(f, z0, name, **kw) for f, z0 in problems]
+    monkeypatch.setattr(solvers, "_graphed", lambda z: True)
+    solvers._GRAPHS.clear()
+    for _ in range(2):  # the second round reuses the states the first one created
+        for (f, z0), (z_ref, s_ref) in zip(problems, refs, strict=True):
+            z, st = solve(f, z0, name, **kw)
+            torch.testing.assert_close(z, z_ref, rtol=0, atol=1e-12)
+            for field in ("nfe", "converged", "diverged"):
+                assert torch.equal(getattr(st, field), getattr(s_ref, field)), field
+            torch.testing.assert_close(st.abs_residual, s_ref.abs_residual, rtol=1e-10, atol=1e-14)
+            for a, b in zip(st.trace, s_ref.trace, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14, equal_nan=True)
+            assert st.diverged[3] and not st.diverged[[0, 1, 2, 4]].any()
+    assert len(solvers._GRAPHS._entries) == 1
+
+
+@pytest.mark.parametrize("name", ["fixed_point", "anderson"])
+def test_graphed_path_keeps_inputs_and_results_valid(name, monkeypatch):
+    # The graphed path overwrites its buffers in every solve: what f was given and what a solve returned
+    # must not be those buffers.
+    from fedeq import solvers
+
+    monkeypatch.setattr(solvers, "_graphed", lambda z: True)
+    solvers._GRAPHS.clear()
+    f, z0 = _wide_problem()
+    seen = []
+
+    def keeping(z):
+        seen.append((z, z.clone()))
+        return f(z)
+
+    z1, s1 = solve(keeping, z0, name, max_iter=10, tol=1e-30)
+    kept = z1.clone()
+    g, _ = _wide_problem(seed=4)
+    solve(g, z0 + 0.5, name, max_iter=10, tol=1e-30)
+    assert len(seen) == 10 and all(torch.equal(a, b) for a, b in seen)
+    assert torch.equal(z1, kept)
+
+
+@pytest.mark.parametrize("name", ["fixed_point", "anderson"])
+def test_graphed_nested_solve_of_the_same_signature(name, monkeypatch):
+    # A solve inside f with the signature of the outer one finds its state busy and solves without it.
+    from fedeq import solvers
+
+    f, z0 = _wide_problem()
+
+    def outer(z):
+        return 0.5 * solve(f, z, name, max_iter=8, tol=1e-30)[0]
+
+    z_ref, _ = solve(outer, z0, name, max_iter=8, tol=1e-30)
+    monkeypatch.setattr(solvers, "_graphed", lambda z: True)
+    solvers._GRAPHS.clear()
+    z, _ = solve(outer, z0, name, max_iter=8, tol=1e-30)
+    torch.testing.assert_close(z, z_ref, rtol=0, atol=1e-12)
