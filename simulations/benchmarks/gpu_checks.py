@@ -1,0 +1,124 @@
+"""GPU checks (run on a CUDA machine): solves and gradients against the CPU path, host syncs per solve, and
+the CUDA-graph bookkeeping (fedeq._graphs) against the eager path. Exits non-zero on a mismatch."""
+# ruff: noqa: B023, E402, E501, E731, B905  (a check script: closures are called inside their loop)
+
+import warnings
+
+import torch
+
+from fedeq.deq import DEQ
+from fedeq.solvers import solve
+
+dev = torch.device("cuda")
+g = torch.Generator().manual_seed(0)
+d, b = 48, 16
+W = torch.randn(d, d, generator=g, dtype=torch.float64)
+W = 0.8 * W / torch.linalg.matrix_norm(W, 2)
+c = (
+    torch.randn(b, d, generator=g, dtype=torch.float64)
+    * torch.linspace(0.1, 2, b, dtype=torch.float64)[:, None]
+)
+print("solver  max|z_gpu-z_cpu|  nfe_equal  conv_equal  syncs(max_iter=40)")
+for name in ("fixed_point", "anderson", "broyden"):
+    out = {}
+    for device in ("cpu", "cuda"):
+        Wd, cd = W.to(device), c.to(device)
+        z, st = solve(lambda z: torch.tanh(z @ Wd.T + cd), torch.zeros_like(cd), name, max_iter=40, tol=1e-8)
+        out[device] = (z.cpu(), st.nfe.cpu(), st.converged.cpu())
+    Wd, cd = W.to(dev), c.to(dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        solve(lambda z: torch.tanh(z @ Wd.T + cd), torch.zeros_like(cd), name, max_iter=40, tol=1e-30)
+    torch.cuda.set_sync_debug_mode(0)
+    syncs = sum("synchroniz" in str(w.message) for w in rec)
+    err = (out["cpu"][0] - out["cuda"][0]).abs().max().item()
+    print(
+        f"{name:12s} {err:.2e}  {torch.equal(out['cpu'][1], out['cuda'][1])}  "
+        f"{torch.equal(out['cpu'][2], out['cuda'][2])}  {syncs}"
+    )
+    assert err < 1e-9, name
+
+
+class Cell(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(d, d, dtype=torch.float64)
+        with torch.no_grad():
+            self.lin.weight.copy_(W)
+
+    def forward(self, z, x):
+        return torch.tanh(self.lin(z) + x)
+
+
+print("backward   cos(gpu,cpu)  max rel err")
+for solver in ("anderson", "broyden"):
+    for backward in ("ift", "phantom", "broyden_reuse") if solver == "broyden" else ("ift", "phantom"):
+        grads = {}
+        for device in ("cpu", "cuda"):
+            torch.manual_seed(0)
+            cell = Cell().to(device)
+            deq = DEQ(cell, solver=solver, f_max_iter=40, b_max_iter=40, tol=1e-10, backward=backward)
+            x = c.to(device).clone().requires_grad_(True)
+            res = deq(x, torch.zeros_like(x))
+            (res.z**2).sum().backward()
+            grads[device] = torch.cat([cell.lin.weight.grad.flatten(), x.grad.flatten()]).cpu()
+        a, bb = grads["cpu"], grads["cuda"]
+        cos = torch.nn.functional.cosine_similarity(a, bb, dim=0).item()
+        rel = ((a - bb).norm() / a.norm()).item()
+        print(f"{solver}/{backward:14s} {cos:.10f} {rel:.2e}")
+        assert rel < 1e-6, (solver, backward)
+
+import time
+
+from fedeq import solvers
+from fedeq._graphs import set_cuda_graphs
+
+print(
+    "graphed vs eager on CUDA (float64 and float32): max|dz|, nfe equal, graphs, failed, syncs, ms graphed/eager"
+)
+for dtype in (torch.float64, torch.float32):
+    for name, opts in (
+        ("fixed_point", {}),
+        ("fixed_point", {"damping": 0.7}),
+        ("anderson", {"m": 5}),
+        ("anderson", {"m": 4, "beta": 0.8}),
+    ):
+        Wd, cd = W.to(dev, dtype), c.to(dev, dtype)
+        cd[3] = float("nan") if name == "anderson" else cd[3]
+        fn = lambda z: torch.tanh(z @ Wd.T + cd)
+        res = {}
+        times = {}
+        for graphs in (False, True):
+            set_cuda_graphs(graphs)
+            solvers._GRAPHS.clear()
+            for rep in range(6):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                z, st = solve(
+                    fn, torch.zeros_like(cd), name, max_iter=30, tol=1e-30 if rep % 2 == 0 else 1e-5, **opts
+                )
+                torch.cuda.synchronize()
+                times.setdefault(graphs, []).append(time.perf_counter() - t0)
+                res.setdefault(graphs, []).append((z, st))
+        set_cuda_graphs(True)
+        entries = list(solvers._GRAPHS._entries.values())
+        ng = sum(len(e.graphs) for e in entries)
+        failed = any(e.failed for e in entries)
+        err = max((a[0] - b[0]).nan_to_num().abs().max().item() for a, b in zip(res[False], res[True]))
+        nfe_eq = all(torch.equal(a[1].nfe, b[1].nfe) for a, b in zip(res[False], res[True]))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            solve(fn, torch.zeros_like(cd), name, max_iter=30, tol=1e-30, **opts)
+        torch.cuda.set_sync_debug_mode(0)
+        syncs = sum("synchroniz" in str(w.message) for w in rec)
+        te, tg = min(times[False][2::2]) * 1e3, min(times[True][2::2]) * 1e3
+        print(
+            f"{str(dtype)[6:]:8s} {name:11s} {str(opts):22s} {err:.1e} {nfe_eq} graphs={ng} failed={failed} syncs={syncs} {tg:.2f}/{te:.2f} ms"
+        )
+        assert nfe_eq and not failed and ng > 0
+        assert err < (1e-9 if dtype == torch.float64 else 1e-4), err
+print("GPU CHECKS OK")
