@@ -487,14 +487,17 @@ def _graph_solve(
     stop_mode: str,
     keep_trace: bool,
     every: int,
-    make_solver: Callable[[], Any],
+    make_solver: Callable[[], Any] | None,
     step: Callable[[_GraphState, int, bool], None],
 ) -> tuple[Tensor, SolverStats] | None:
     """A solve whose bookkeeping ``step(state, k, last)`` (graph-safe, on the state's buffers) is replayed
     as CUDA graphs: per evaluation ``f`` runs eagerly, its output is staged into ``state.fx``, one graph
     launch scores it and writes the next iterate to ``state.x``, which ``f`` gets as a copy (so its inputs
     stay valid). ``None`` when the signature's state serves another solve."""
-    entry = _GRAPHS.take(key, lambda: _GraphState(z, max_iter, tol, stop_mode, make_solver()), z.device)
+    def make() -> _GraphState:
+        return _GraphState(z, max_iter, tol, stop_mode, make_solver() if make_solver else None)
+
+    entry = _GRAPHS.take(key, make, z.device)
     if entry is None:
         return None
     try:
@@ -508,19 +511,14 @@ def _graph_solve(
             if fx.shape != gs.fx.shape:
                 raise ValueError(f"f returned shape {tuple(fx.shape)} for an input of shape {tuple(x.shape)}")
             gs.fx.copy_(fx)
-            tr.k = k
             entry.run(k, functools.partial(step, gs, k, k == last))
-            tr.k = k + 1
+            tr.k = k + 1  # a replayed graph does not advance the Python counter
             if k == last or ((k + 1) % every == 0 and tr.done()):
                 break
             x = gs.x.clone()
         return tr.stats(shape)
     finally:
         _GRAPHS.give(key, entry)
-
-
-def _no_state() -> None:
-    return None
 
 
 def _fixed_point_graph_step(gs: _GraphState, k: int, last: bool, damping: float) -> None:
@@ -550,16 +548,14 @@ def fixed_point(
     shape = z0.shape
     g = _flat(f, shape)
     z = z0.reshape(shape[0], -1)
-    tr = _Tracker(z, max_iter, tol, stop_mode, keep_trace)
     every = check_every or _default_check_every(z)
     if _graphed(z):
         signature = ("fixed_point", *z.shape, z.dtype, z.device, max_iter, tol, stop_mode, damping)
         step = functools.partial(_fixed_point_graph_step, damping=damping)
-        out = _graph_solve(
-            signature, g, z, shape, max_iter, tol, stop_mode, keep_trace, every, _no_state, step
-        )
+        out = _graph_solve(signature, g, z, shape, max_iter, tol, stop_mode, keep_trace, every, None, step)
         if out is not None:
             return out
+    tr = _Tracker(z, max_iter, tol, stop_mode, keep_trace)
     last = max_iter - 1
     key = ("fixed_point", *z.shape, z.dtype)
     res = _WORKSPACE.take(key, lambda: z.new_empty(z.shape)) if _cached(z) else None  # residual buffer
@@ -616,10 +612,10 @@ def anderson(
     b, d = x.shape
     mem = min(m, max_iter)
     make = lambda: _AndersonState(x, mem, lam, beta != 1.0)  # noqa: E731
+    every = check_every or _default_check_every(x)
     if _graphed(x):
         signature = ("anderson", b, d, x.dtype, x.device, max_iter, tol, stop_mode, mem, lam, beta)
         step = functools.partial(_anderson_graph_step, beta=beta)
-        every = check_every or _default_check_every(x)
         out = _graph_solve(signature, g, x, shape, max_iter, tol, stop_mode, keep_trace, every, make, step)
         if out is not None:
             return out
@@ -627,7 +623,6 @@ def anderson(
     st = _WORKSPACE.take(key, make) if _cached(x) else make()
     G = st.G
     tr = _Tracker(x, max_iter, tol, stop_mode, keep_trace)
-    every = check_every or _default_check_every(x)
     last = max_iter - 1
     fused = tr.fused and mem <= _FUSED_MAX_MEM
     for k in range(max_iter):

@@ -217,16 +217,22 @@ def test_broyden_factors_outlive_later_solves():
     assert torch.equal(u, u2) and torch.equal(v, v2)
 
 
+def _nested_problem(name: str, inner_iter: int):
+    """An ``f`` that itself runs ``name`` on a problem of the same size (a DEQ inside a DEQ)."""
+    f, z0 = _wide_problem()
+
+    def outer(z):
+        return 0.5 * solve(f, z, name, max_iter=inner_iter, tol=1e-30)[0]
+
+    return outer, z0
+
+
 @pytest.mark.parametrize("name", SOLVER_NAMES)
 def test_nested_solves_use_separate_buffers(name, monkeypatch):
     # f itself runs a solver of the same size (a DEQ inside a DEQ): each solve needs its own buffers.
     from fedeq import solvers
 
-    f, z0 = _wide_problem()
-
-    def outer(z):
-        return 0.5 * solve(f, z, name, max_iter=5, tol=1e-30)[0]
-
+    outer, z0 = _nested_problem(name, inner_iter=5)
     z, _ = solve(outer, z0, name, max_iter=8, tol=1e-30)
     monkeypatch.setattr(solvers, "_cached", lambda x: False)
     z_ref, _ = solve(outer, z0, name, max_iter=8, tol=1e-30)
@@ -345,11 +351,7 @@ def test_graphed_nested_solve_of_the_same_signature(name, monkeypatch):
     # A solve inside f with the signature of the outer one finds its state busy and solves without it.
     from fedeq import solvers
 
-    f, z0 = _wide_problem()
-
-    def outer(z):
-        return 0.5 * solve(f, z, name, max_iter=8, tol=1e-30)[0]
-
+    outer, z0 = _nested_problem(name, inner_iter=8)
     z_ref, _ = solve(outer, z0, name, max_iter=8, tol=1e-30)
     monkeypatch.setattr(solvers, "_graphed", lambda z: True)
     solvers._GRAPHS.clear()
