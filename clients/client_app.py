@@ -18,13 +18,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from omegaconf import OmegaConf
 from torch import nn
 
 from fedeq.adversarial import adversarial_from_config
+from fedeq.arrays import record_from_state_dict, record_to_state_dict
 from fedeq.clock import client_sim_time
 from fedeq.config import RUN_CONFIG_KEY, assign_tiers, config_from_run_config, config_from_yaml
 from fedeq.data import load_client_data, load_dataset
@@ -146,7 +147,7 @@ def _context(message: Message, context: Context) -> tuple[RunSetup, int, int, in
 
 def _load_arrays(model: nn.Module, message: Message) -> None:
     arrays = message.content.array_records["arrays"]
-    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    model.load_state_dict(record_to_state_dict(arrays), strict=True)
 
 
 def _seed(cfg: Any, server_round: int, partition_id: int, stream: int) -> int:
@@ -241,7 +242,7 @@ def train(message: Message, context: Context) -> Message:
     state = model.state_dict()
     if fault == "nan":
         poison(state)
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
+    content = RecordDict({"arrays": record_from_state_dict(state), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=message)
 
 

@@ -188,6 +188,7 @@ class RayGrid(Grid):
         if not ray.is_initialized():
             raise RuntimeError("RayGrid needs a running Ray: call fedeq.ray_grid.start_ray() first")
         self.tiers = list(tiers)
+        self.tier_names = [str(t.name) for t in self.tiers]
         self.node_tiers = list(node_tiers)
         self.num_nodes = len(self.node_tiers)
         self.run_config = dict(run_config or {})
@@ -239,7 +240,7 @@ class RayGrid(Grid):
         return {
             "partition-id": pid,
             "num-partitions": self.num_nodes,
-            "tier": self.tiers[self.node_tiers[pid]].name,
+            "tier": self.tier_names[self.node_tiers[pid]],
         }
 
     def partition_of(self, node_id: int) -> int:

@@ -2,7 +2,8 @@
 
 ``<output_dir>/<run_name>/`` holds ``config.yaml`` (resolved), ``rounds.csv`` (one row per round),
 ``clients.csv`` (one row per client call), ``partitions.csv`` (partition sizes and tiers), ``summary.json``
-and PNG plots. Files are rewritten after every round, so an interrupted run keeps what it had.
+and PNG plots. The CSVs are brought up to date after every round (``clients.csv`` by appending the round's
+rows), so an interrupted run keeps what it had; the end of a run rewrites every file whole.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ class RunRecorder:
         self.clients: list[dict[str, Any]] = []
         self.curve: list[dict[str, Any]] = []
         self.extra: dict[str, Any] = {}
+        self._clients_on_disk = 0
+        """Rows of ``clients.csv`` this recorder wrote, so that a later write appends only the new ones."""
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the recorder."""
@@ -85,6 +88,7 @@ class RunRecorder:
         self.clients = list(state["clients"])
         self.curve = list(state["curve"])
         self.extra = {**state["extra"], **{k: v for k, v in self.extra.items() if k not in state["extra"]}}
+        self._clients_on_disk = 0
 
     def add_round(self, row: Mapping[str, Any], clients: Sequence[Mapping[str, Any]] = ()) -> None:
         self.rounds.append(dict(row))
@@ -106,11 +110,27 @@ class RunRecorder:
         df = pd.DataFrame(self.clients, columns=list(CLIENT_COLUMNS))
         return df
 
-    def write(self, summary: Mapping[str, Any] | None = None, plots: bool = True) -> None:
-        """Write CSVs, ``summary.json`` and (optionally) plots."""
+    def _write_clients(self, append: bool) -> None:
+        path = self.out_dir / "clients.csv"
+        done = self._clients_on_disk
+        if append and 0 < done <= len(self.clients) and path.is_file():
+            new = pd.DataFrame(self.clients[done:], columns=list(CLIENT_COLUMNS))
+            new.to_csv(path, mode="a", header=False, index=False)
+        else:
+            self.clients_frame().to_csv(path, index=False)
+        self._clients_on_disk = len(self.clients)
+
+    def write(
+        self, summary: Mapping[str, Any] | None = None, plots: bool = True, append: bool = False
+    ) -> None:
+        """Write CSVs, ``summary.json`` and (optionally) plots.
+
+        With ``append``, ``clients.csv`` only gains the rows recorded since this recorder last wrote it (the
+        cost of a round's write stays flat as a run grows); otherwise every file is rewritten whole.
+        """
         rounds = self.rounds_frame()
         rounds.to_csv(self.out_dir / "rounds.csv", index=False)
-        self.clients_frame().to_csv(self.out_dir / "clients.csv", index=False)
+        self._write_clients(append)
         if self.curve:
             pd.DataFrame(self.curve).to_csv(self.out_dir / "budget_curve.csv", index=False)
         data = {**self.extra, **(summary or {})}

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from clients.client_app import tier_deq_settings
+from fedeq.arrays import record_to_state_dict
 from fedeq.checkpoint import (
     arrays_to_numpy,
     load_checkpoint,
@@ -243,7 +244,7 @@ def run_server(
             console.print(f"resuming {out} after round {state['round']}", soft_wrap=True)
 
     def evaluate_global(server_round: int, global_arrays: ArrayRecord) -> MetricRecord:
-        model.load_state_dict(global_arrays.to_torch_state_dict())
+        model.load_state_dict(record_to_state_dict(global_arrays))
         main = evaluate(model, splits.x_test, splits.y_test, device=device, **main_settings)
         evals = {"test_acc": main.accuracy, "test_loss": main.loss, "test_residual": main.fp_residual}
         for name, settings in budgets_by_tier.items():
@@ -268,7 +269,7 @@ def run_server(
                 tol=cfg.model.tol,
                 stop_mode=cfg.model.stop_mode,
             )
-        recorder.write(plots=server_round == cfg.rounds)
+        recorder.write(plots=False, append=True)  # the run's end writes the plots and every file whole
         if not quiet:
             extra = "".join(
                 f" {k[8:]} {row[k]}" for k in ("clients_offline", "clients_dropped") if row.get(k)

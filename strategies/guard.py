@@ -28,6 +28,8 @@ from flwr.common import log
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from fedeq.arrays import to_numpy
+
 __all__ = ["ArrayLayout", "ReplyGuard", "array_layout"]
 
 #: ``key -> (shape, dtype)`` of every array in an ``ArrayRecord``.
@@ -72,7 +74,7 @@ def _non_finite_array(arrays: ArrayRecord) -> str | None:
     """Describe the first array holding NaN/Inf (or failing to decode), else ``None``."""
     for key, arr in arrays.items():
         try:
-            values = arr.numpy()
+            values = to_numpy(arr)
         except Exception as err:  # noqa: BLE001 - any decoding failure rejects the reply
             return f"array {key!r} cannot be decoded: {err}"
         if values.dtype.kind in "fc" and not np.isfinite(values).all():
@@ -97,7 +99,7 @@ def _cast_to_layout(arrays: ArrayRecord, reference: ArrayLayout) -> ArrayRecord:
         if str(arr.dtype) == reference[key][1]:
             out[key] = arr
             continue
-        values = arr.numpy()
+        values = to_numpy(arr)
         if dtype.kind in "iub" and values.dtype.kind in "fc":
             values = np.rint(values.real)
         out[key] = Array(np.asarray(values.astype(dtype)))

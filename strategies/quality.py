@@ -29,6 +29,8 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp.strategy import FedAvg
 
+from fedeq.arrays import from_numpy, to_numpy
+
 from .guard import ReplyGuard
 
 __all__ = [
@@ -140,16 +142,16 @@ def weighted_average(records: Sequence[ArrayRecord], weights: Sequence[float]) -
         raise ValueError(f"weights must be non-negative with a positive finite sum, got {w.tolist()}")
     out: dict[str, Array] = {}
     for key in records[0].keys():
-        first = records[0][key].numpy()
+        first = to_numpy(records[0][key])
         acc_dtype = np.complex128 if first.dtype.kind == "c" else np.float64
         acc = np.zeros(first.shape, dtype=acc_dtype)
         for i, (record, wi) in enumerate(zip(records, w, strict=True)):
-            values = first if i == 0 else record[key].numpy()  # the first record is decoded already
+            values = first if i == 0 else to_numpy(record[key])  # the first record is decoded already
             acc += wi * values.astype(acc_dtype)
         acc /= total
         if first.dtype.kind in "iub":
             acc = np.rint(acc.real)
-        out[key] = Array(np.asarray(acc.astype(first.dtype)))
+        out[key] = from_numpy(np.asarray(acc.astype(first.dtype)))
     return ArrayRecord(out)
 
 
