@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,11 +38,12 @@ def _cpus_needed(cfg: Any, sizes: list[int]) -> float:
     return sum(size * float(t.num_cpus) for size, t in zip(sizes, cfg.devices.tiers, strict=True))
 
 
-def plan_pools(cfg: Any) -> tuple[list[int], float]:
-    """Pool size of every tier and the logical CPUs a local cluster needs to hold them all."""
+def plan_pools(cfg: Any) -> tuple[list[int], int]:
+    """Pool size of every tier and the logical CPUs a local cluster needs to hold them all (a whole
+    number, as Ray requires, even when tiers ask for fractions of a CPU)."""
     cpus = float(cfg.ray.num_cpus or os.cpu_count() or 1)
     sizes = pool_sizes(cfg.devices.tiers, cpus, cfg.ray.actors_per_tier)
-    return sizes, max(cpus, _cpus_needed(cfg, sizes))
+    return sizes, math.ceil(max(cpus, _cpus_needed(cfg, sizes)) - 1e-9)
 
 
 def make_grid(cfg: Any) -> RayGrid:

@@ -362,3 +362,13 @@ def test_run_config_unknown_key() -> None:
         config_from_run_config({RUN_CONFIG_KEY: "", "num-server-rounds": 3})
     assert info.value.key == "num-server-rounds"
     assert "rounds" in str(info.value)
+
+
+def test_local_ray_cluster_gets_whole_cpus_for_fractional_tiers():
+    from fedeq.ray_engine import plan_pools
+
+    cfg = load_config(None, ["ray.num_cpus=2", "devices.tiers.3.num_cpus=0.25"])
+    sizes, cpus = plan_pools(cfg)
+    assert sizes == [1, 1, 1, 2]  # 0.25 of the clients at 0.25 CPU an actor: two actors on 2 CPUs
+    need = sum(n * float(t.num_cpus) for n, t in zip(sizes, cfg.devices.tiers, strict=True))
+    assert isinstance(cpus, int) and need <= cpus < need + 1
