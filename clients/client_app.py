@@ -31,7 +31,7 @@ from fedeq.config import RUN_CONFIG_KEY, assign_tiers, config_from_run_config, c
 from fedeq.data import load_client_data, load_dataset
 from fedeq.faults import before_training, draw_fault, poison
 from fedeq.models import build_model
-from fedeq.training import evaluate, resolve_device, train_local
+from fedeq.training import evaluate, move_to, resolve_device, train_local
 
 TRAIN_METRIC_KEYS = (
     "num-examples",
@@ -223,7 +223,7 @@ def train(message: Message, context: Context) -> Message:
         sim_cost_s=cfg.devices.nfe_cost_s / tier.speed,
     )
     val = evaluate(model, data.x_val, data.y_val, device=device, **deq)
-    model.to("cpu")
+    move_to(model, "cpu")
     metrics = {
         "num-examples": stats.num_examples,
         "train-loss": stats.loss,
@@ -254,7 +254,7 @@ def evaluate_handler(message: Message, context: Context) -> Message:
     model = setup.model
     _load_arrays(model, message)
     st = evaluate(model, data.x_val, data.y_val, device=setup.device, **setup.deq[tier_idx])
-    model.to("cpu")
+    move_to(model, "cpu")
     metrics = {
         "num-examples": max(st.num_examples, 1),
         "eval-loss": st.loss if st.num_examples else 0.0,

@@ -80,6 +80,18 @@ def seed_global_rng(seed: int, device: torch.device) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def move_to(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """``model.to(device)``, skipped when every parameter and buffer is there already (``Module.to``
+    walks the whole module tree, a per-call cost for a client's small model)."""
+    device = torch.device(device)
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    if device.type == "cuda" and device.index is None:  # "cuda" means the current device
+        device = torch.device("cuda", torch.cuda.current_device())
+    if any(t.device != device for t in tensors):
+        model.to(device)
+    return model
+
+
 def _as_tensors(x: Any, y: Any, device: torch.device) -> tuple[Tensor, Tensor]:
     xt = x if isinstance(x, Tensor) else torch.from_numpy(np.array(x, dtype=np.float32))
     yt = y if isinstance(y, Tensor) else torch.from_numpy(np.array(y, dtype=np.int64))
@@ -140,7 +152,7 @@ def train_local(
 
         adversarial.validate()
     device = torch.device(device)
-    model.to(device).train()
+    move_to(model, device).train()
     xt, yt = _as_tensors(x, y, device)
     overrides = dict(deq or {})
     if jac_reg > 0:
@@ -218,7 +230,7 @@ def evaluate(
 ) -> EvalStats:
     """Mean cross-entropy, accuracy, residual and forward evaluations on ``(x, y)``."""
     device = torch.device(device)
-    model.to(device).eval()
+    move_to(model, device).eval()
     xt, yt = _as_tensors(x, y, device)
     n = int(xt.shape[0])
     if n == 0:

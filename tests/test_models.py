@@ -95,3 +95,16 @@ def test_fedprox_term_pulls_towards_start():
         train_local(m, x, y, epochs=2, seed=0, proximal_mu=mu, lr=0.05)
         drift[mu] = float((torch.cat([p.detach().flatten() for p in m.parameters()]) - start).norm())
     assert drift[10.0] < drift[0.0]
+
+
+def test_move_to_skips_a_model_already_on_the_device(monkeypatch):
+    from fedeq.training import move_to
+
+    calls = []
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.GroupNorm(1, 2))
+    monkeypatch.setattr(model, "to", lambda device: calls.append(device) or model)
+    assert move_to(model, "cpu") is model and calls == []
+    meta = torch.nn.Sequential(torch.nn.Linear(3, 2)).to("meta")
+    monkeypatch.setattr(meta, "to", lambda device: calls.append(device) or meta)
+    move_to(meta, "cpu")
+    assert calls == [torch.device("cpu")]
