@@ -75,6 +75,7 @@ def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def record_from_numpy(values: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """An ``ArrayRecord`` of NumPy arrays, in the mapping's order."""
     return ArrayRecord({key: from_numpy(np.asarray(v)) for key, v in values.items()})
 
 

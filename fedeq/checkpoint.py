@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
 
 CHECKPOINT_FILE = "checkpoint.pkl"
 
@@ -50,10 +49,6 @@ def load_checkpoint(out_dir: Path) -> dict[str, Any]:
         )
     with open(path, "rb") as fh:
         return pickle.load(fh)
-
-
-def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: arrays[k].numpy() for k in arrays.keys()}
 
 
 TRANSIENT_ATTRIBUTES = ("reply_checks",)

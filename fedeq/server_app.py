@@ -14,14 +14,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from clients.client_app import tier_deq_settings
-from fedeq.arrays import record_to_state_dict
+from fedeq.arrays import record_from_numpy, record_to_numpy, record_to_state_dict
 from fedeq.checkpoint import (
-    arrays_to_numpy,
     load_checkpoint,
     restore_strategy,
     rng_state,
@@ -235,7 +234,7 @@ def run_server(
     if resume:
         state = load_checkpoint(out)
         start_round = int(state["round"]) + 1
-        arrays = ArrayRecord({k: Array(v) for k, v in state["arrays"].items()})
+        arrays = record_from_numpy(state["arrays"])
         restore_strategy(strategy, state["strategy"])
         recorder.restore(state["recorder"])
         book.cum_sim = state["cum_sim"]
@@ -294,7 +293,7 @@ def run_server(
                 out,
                 {
                     "round": server_round,
-                    "arrays": arrays_to_numpy(global_arrays),
+                    "arrays": record_to_numpy(global_arrays),
                     "strategy": strategy_snapshot,
                     "recorder": recorder.state(),
                     "cum_sim": book.cum_sim,
@@ -318,7 +317,7 @@ def run_server(
         overlap=True,
         timeout=cfg.strategy.round_timeout_s or 3600.0,
     )
-    torch.save(result.arrays.to_torch_state_dict(), out / "global_model.pt")
+    torch.save(record_to_state_dict(result.arrays), out / "global_model.pt")
     recorder.write(summary={"wall_s": time.perf_counter() - t0, "output_dir": str(out)})
     return out
 

@@ -84,10 +84,9 @@ def move_to(model: nn.Module, device: torch.device | str) -> nn.Module:
     """``model.to(device)``, skipped when every parameter and buffer is there already (``Module.to``
     walks the whole module tree, a per-call cost for a client's small model)."""
     device = torch.device(device)
-    tensors = itertools.chain(model.parameters(), model.buffers())
     if device.type == "cuda" and device.index is None:  # "cuda" means the current device
         device = torch.device("cuda", torch.cuda.current_device())
-    if any(t.device != device for t in tensors):
+    if any(t.device != device for t in itertools.chain(model.parameters(), model.buffers())):
         model.to(device)
     return model
 

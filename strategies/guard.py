@@ -28,7 +28,7 @@ from flwr.common import log
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
-from fedeq.arrays import to_numpy
+from fedeq.arrays import from_numpy, to_numpy
 
 __all__ = ["ArrayLayout", "ReplyGuard", "array_layout"]
 
@@ -102,7 +102,7 @@ def _cast_to_layout(arrays: ArrayRecord, reference: ArrayLayout) -> ArrayRecord:
         values = to_numpy(arr)
         if dtype.kind in "iub" and values.dtype.kind in "fc":
             values = np.rint(values.real)
-        out[key] = Array(np.asarray(values.astype(dtype)))
+        out[key] = from_numpy(np.asarray(values.astype(dtype)))
         changed = True
     return ArrayRecord(out) if changed else arrays
 

@@ -10,6 +10,19 @@ from fedeq.deq import DEQ
 from fedeq.solvers import solve
 
 dev = torch.device("cuda")
+
+
+def host_syncs(run):
+    """How many times ``run()`` synchronises the host with the GPU (torch's sync debug mode warns on each)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        run()
+    torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in rec)
+
+
 g = torch.Generator().manual_seed(0)
 d, b = 48, 16
 W = torch.randn(d, d, generator=g, dtype=torch.float64)
@@ -26,13 +39,9 @@ for name in ("fixed_point", "anderson", "broyden"):
         z, st = solve(lambda z: torch.tanh(z @ Wd.T + cd), torch.zeros_like(cd), name, max_iter=40, tol=1e-8)
         out[device] = (z.cpu(), st.nfe.cpu(), st.converged.cpu())
     Wd, cd = W.to(dev), c.to(dev)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        solve(lambda z: torch.tanh(z @ Wd.T + cd), torch.zeros_like(cd), name, max_iter=40, tol=1e-30)
-    torch.cuda.set_sync_debug_mode(0)
-    syncs = sum("synchroniz" in str(w.message) for w in rec)
+    syncs = host_syncs(
+        lambda: solve(lambda z: torch.tanh(z @ Wd.T + cd), torch.zeros_like(cd), name, max_iter=40, tol=1e-30)
+    )
     err = (out["cpu"][0] - out["cuda"][0]).abs().max().item()
     print(
         f"{name:12s} {err:.2e}  {torch.equal(out['cpu'][1], out['cuda'][1])}  "
@@ -108,13 +117,7 @@ for dtype in (torch.float64, torch.float32):
         failed = any(e.failed for e in entries)
         err = max((a[0] - b[0]).nan_to_num().abs().max().item() for a, b in zip(res[False], res[True]))
         nfe_eq = all(torch.equal(a[1].nfe, b[1].nfe) for a, b in zip(res[False], res[True]))
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        with warnings.catch_warnings(record=True) as rec:
-            warnings.simplefilter("always")
-            solve(fn, torch.zeros_like(cd), name, max_iter=30, tol=1e-30, **opts)
-        torch.cuda.set_sync_debug_mode(0)
-        syncs = sum("synchroniz" in str(w.message) for w in rec)
+        syncs = host_syncs(lambda: solve(fn, torch.zeros_like(cd), name, max_iter=30, tol=1e-30, **opts))
         te, tg = min(times[False][2::2]) * 1e3, min(times[True][2::2]) * 1e3
         print(
             f"{str(dtype)[6:]:8s} {name:11s} {str(opts):22s} {err:.1e} {nfe_eq} graphs={ng} failed={failed} syncs={syncs} {tg:.2f}/{te:.2f} ms"
