@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import io
+import math
+import operator
 from collections.abc import Mapping
 
 import numpy as np
@@ -34,26 +36,37 @@ def npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
     return buf.getvalue()
 
 
-def _layout(array: Array) -> tuple[np.dtype, tuple[int, ...], bytes] | None:
+@functools.lru_cache(maxsize=4096)
+def _standard_layout(dtype: str, shape: tuple) -> tuple[np.dtype, tuple[int, ...], bytes, int] | None:
+    """``(dtype, shape, header, payload length)`` of the standard payload, or ``None`` for layouts the fast
+    path leaves to Flower (object dtypes, negative or non-integer sizes, unknown dtype names)."""
+    try:
+        np_dtype = np.dtype(dtype)
+        dims = tuple(operator.index(n) for n in shape)
+    except (TypeError, ValueError):
+        return None
+    if np_dtype.hasobject or any(n < 0 for n in dims):
+        return None
+    header = npy_header(str(np_dtype), dims)
+    return np_dtype, dims, header, len(header) + np_dtype.itemsize * math.prod(dims)
+
+
+def _layout(array: Array) -> tuple[np.dtype, tuple[int, ...], bytes, int] | None:
     if array.stype != SType.NUMPY:
         return None
     try:
-        dtype = np.dtype(array.dtype)
-        shape = tuple(int(n) for n in array.shape)
-    except (TypeError, ValueError):
+        return _standard_layout(array.dtype, tuple(array.shape))
+    except TypeError:  # unhashable metadata
         return None
-    if dtype.hasobject or any(n < 0 for n in shape):
-        return None
-    return dtype, shape, npy_header(str(dtype), shape)
 
 
 def to_numpy(array: Array) -> np.ndarray:
     """``array.numpy()``, without parsing the header when it is the standard one (a read-only view)."""
     layout = _layout(array)
     if layout is not None:
-        dtype, shape, header = layout
+        dtype, shape, header, size = layout
         data = array.data
-        if len(data) == len(header) + dtype.itemsize * int(np.prod(shape)) and data.startswith(header):
+        if len(data) == size and data.startswith(header):
             return np.frombuffer(data, dtype=dtype, offset=len(header)).reshape(shape)
     return array.numpy()
 

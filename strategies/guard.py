@@ -20,20 +20,22 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO, WARNING
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedeq.arrays import from_numpy, to_numpy
 
-__all__ = ["ArrayLayout", "ReplyGuard", "array_layout"]
+__all__ = ["ArrayLayout", "ReplyGuard", "array_layout", "records_of"]
 
 #: ``key -> (shape, dtype)`` of every array in an ``ArrayRecord``.
 ArrayLayout = dict[str, tuple[tuple[int, ...], str]]
+
+_Record = TypeVar("_Record", ArrayRecord, MetricRecord, ConfigRecord)
 
 _STATUSES = ("ok", "rejected", "failed")
 """Always counted; ``offline`` and ``dropped`` appear in the counts only when they occur."""
@@ -42,6 +44,15 @@ _STATUSES = ("ok", "rejected", "failed")
 def array_layout(arrays: ArrayRecord) -> ArrayLayout:
     """Return ``{key: (shape, dtype)}`` of ``arrays`` without decoding the data."""
     return {key: (tuple(int(s) for s in arr.shape), str(arr.dtype)) for key, arr in arrays.items()}
+
+
+def records_of(content: RecordDict, kind: type[_Record]) -> list[_Record]:
+    """The records of type ``kind`` in ``content``, in order.
+
+    Same as ``list(content.array_records.values())`` (or ``metric_records``, ``config_records``) without
+    the type-checked copy of the dict that those properties build on every access.
+    """
+    return [record for record in content.values() if isinstance(record, kind)]
 
 
 def _metric_values(record: MetricRecord) -> dict[str, Any]:
@@ -223,12 +234,13 @@ class ReplyGuard:
         if not msg.has_content():
             return "failed", "reply carries neither content nor error", {}
         content = msg.content
-        metric_records = list(content.metric_records.values())
+        metric_records = records_of(content, MetricRecord)
         if len(metric_records) != 1:
             return "rejected", f"expected exactly one MetricRecord, got {len(metric_records)}", {}
         metrics = _metric_values(metric_records[0])
-        if train and len(content.array_records) != 1:
-            return "rejected", f"expected exactly one ArrayRecord, got {len(content.array_records)}", metrics
+        array_records = records_of(content, ArrayRecord)
+        if train and len(array_records) != 1:
+            return "rejected", f"expected exactly one ArrayRecord, got {len(array_records)}", metrics
         missing = [k for k in self._required(train) if k not in metrics]
         if missing:
             return "rejected", f"missing required metric(s) {missing}", metrics
@@ -254,7 +266,7 @@ class ReplyGuard:
         reference = self.global_layout
         if train:
             for msg, _ in candidates:
-                layouts[id(msg)] = array_layout(next(iter(msg.content.array_records.values())))
+                layouts[id(msg)] = array_layout(records_of(msg.content, ArrayRecord)[0])
             if reference is None and layouts:
                 counts = Counter(tuple(sorted(lay.items())) for lay in layouts.values())
                 reference = dict(counts.most_common(1)[0][0])
@@ -269,7 +281,7 @@ class ReplyGuard:
             if status == "ok" and train:
                 assert reference is not None
                 reason = _layout_mismatch(layouts[id(msg)], reference) or _non_finite_array(
-                    next(iter(msg.content.array_records.values()))
+                    records_of(msg.content, ArrayRecord)[0]
                 )
                 status = "rejected" if reason else "ok"
                 for check in self.reply_checks if status == "ok" else ():

@@ -31,7 +31,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedeq.arrays import from_numpy, to_numpy
 
-from .guard import ReplyGuard
+from .guard import ReplyGuard, records_of
 
 __all__ = [
     "QUALITY_FUNCTIONS",
@@ -255,7 +255,7 @@ class QualityWeightedFedAvg(ReplyGuard, FedAvg):
         self, server_round: int, replies: Sequence[Message]
     ) -> tuple[np.ndarray, np.ndarray, bool]:
         """Return ``(w, q, fallback)`` with w_i = n_i q_i, or w_i = n_i if Σ n_i q_i is not > 0."""
-        metrics = [dict(next(iter(m.content.metric_records.values()))) for m in replies]
+        metrics = [dict(records_of(m.content, MetricRecord)[0]) for m in replies]
         ctx = QualityContext(server_round, self.temperature, tuple(metrics))
         n = np.array([float(m[self.weighted_by_key]) for m in metrics])
         q = np.array(
@@ -274,13 +274,13 @@ class QualityWeightedFedAvg(ReplyGuard, FedAvg):
         """Quality-weighted average of validated replies plus per-tier metrics."""
         contents = [m.content for m in replies]
         weights, q, fallback = self.quality_weights(server_round, replies)
-        arrays = weighted_average([next(iter(c.array_records.values())) for c in contents], weights.tolist())
+        arrays = weighted_average([records_of(c, ArrayRecord)[0] for c in contents], weights.tolist())
         total = float(weights.sum())
         nodes = [int(r.metadata.src_node_id) for r in replies]
         self.last_weights = {node: float(wi / total) for node, wi in zip(nodes, weights, strict=True)}
         self.last_quality = {node: float(qi) for node, qi in zip(nodes, q, strict=True)}
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-        per_reply = [dict(next(iter(c.metric_records.values()))) for c in contents]
+        per_reply = [dict(records_of(c, MetricRecord)[0]) for c in contents]
         per_tier = tier_metrics(per_reply, self.weighted_by_key, extra={"quality": q.tolist()})
         for key, value in per_tier.items():
             metrics[key] = value

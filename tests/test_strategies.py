@@ -578,3 +578,26 @@ def test_overlapped_round_end_gives_the_same_run() -> None:
 def test_round_end_errors_propagate(overlap: bool) -> None:
     with pytest.raises(RuntimeError, match="evaluation of round 1 failed"):
         _run_rounds_recording(overlap=overlap, fail_at=1)
+
+
+def test_records_of_matches_the_typed_record_properties() -> None:
+    from flwr.app import Array
+
+    from strategies.guard import records_of
+
+    content = RecordDict(
+        {
+            "m1": MetricRecord({"a": 1.0}),
+            "arrays": ArrayRecord({"w": Array(np.ones(3, np.float32))}),
+            "cfg": ConfigRecord({"x": "y"}),
+            "m2": MetricRecord({"b": 2}),
+        }
+    )
+    for kind, prop in (
+        (ArrayRecord, "array_records"),
+        (MetricRecord, "metric_records"),
+        (ConfigRecord, "config_records"),
+    ):
+        got = records_of(content, kind)
+        assert [id(r) for r in got] == [id(r) for r in getattr(content, prop).values()]
+    assert records_of(RecordDict(), MetricRecord) == []
