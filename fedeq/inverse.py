@@ -25,6 +25,7 @@ from torch import nn
 
 from fedeq.jiio import InputProblem
 from fedeq.models import MLPDEQ
+from fedeq.optim import Adam
 from fedeq.parts import DEQParts, deq_parts
 
 Tensor = torch.Tensor
@@ -81,7 +82,7 @@ def train_decoder(
     flat = x.reshape(n, -1)
     enc = nn.Linear(flat.shape[1], code_dim)
     dec = DEQDecoder(code_dim, tuple(x.shape[1:]), hidden=hidden, **deq_settings)
-    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=lr)
+    opt = Adam([*enc.parameters(), *dec.parameters()], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     dec.train()
     for _ in range(epochs):

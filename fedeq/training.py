@@ -16,6 +16,7 @@ from torch import nn
 from fedeq.data import batches
 from fedeq.deq import DEQ
 from fedeq.models import ModelOutput
+from fedeq.optim import make_optimizer
 
 if TYPE_CHECKING:
     from fedeq.adversarial import AdversarialConfig
@@ -160,12 +161,7 @@ def train_local(
     seed_global_rng(seed, device)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-    if optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    elif optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    else:
-        raise ValueError(f"train.optimizer must be one of adam, sgd (got {optimizer!r})")
+    opt = make_optimizer(optimizer, params, lr=lr, weight_decay=weight_decay)
     f_budget = overrides.get("f_max_iter") or _default_budget(model)
     t0, c0 = time.perf_counter(), time.process_time()
     totals = np.zeros(4)  # loss, residual, nfe_f, nfe_b
