@@ -689,6 +689,22 @@ def to_run_config(cfg: FedeqConfig) -> dict[str, str]:
     return {RUN_CONFIG_KEY: to_yaml(cfg)}
 
 
+def attribute_view(cfg: Any) -> Any:
+    """A plain Python copy of a config (or any part of it) with attribute access.
+
+    Reads are ~100x cheaper than OmegaConf's, which matters on paths run once per client call or reply.
+    """
+
+    def view(value: Any) -> Any:
+        if isinstance(value, dict):
+            return types.SimpleNamespace(**{k: view(v) for k, v in value.items()})
+        if isinstance(value, list):
+            return [view(v) for v in value]
+        return value
+
+    return view(OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg)
+
+
 def config_from_run_config(run_config: Mapping[str, Any]) -> FedeqConfig:
     """Rebuild the config from a Flower run config.
 

@@ -29,7 +29,7 @@ from fedeq.checkpoint import (
     snapshot_strategy,
 )
 from fedeq.clock import client_sim_time
-from fedeq.config import RUN_CONFIG_KEY, assign_tiers, config_from_run_config, to_yaml
+from fedeq.config import RUN_CONFIG_KEY, assign_tiers, attribute_view, config_from_run_config, to_yaml
 from fedeq.data import load_dataset, partition_sizes
 from fedeq.models import build_model, num_parameters
 from fedeq.results import RunRecorder, run_dir
@@ -69,7 +69,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def reply_sim_time(cfg: Any, tier: Any, metrics: Mapping[str, Any], model_bytes: int) -> float:
+def reply_sim_time(tier: Any, metrics: Mapping[str, Any], model_bytes: int, nfe_cost_s: float) -> float:
     """Simulated seconds of a client call from its reported metrics (see :mod:`fedeq.clock`)."""
     return client_sim_time(
         tier,
@@ -78,7 +78,7 @@ def reply_sim_time(cfg: Any, tier: Any, metrics: Mapping[str, Any], model_bytes:
         samples=float(metrics.get("samples", metrics.get("num-examples", 0))),
         bytes_down=model_bytes,
         bytes_up=model_bytes,
-        nfe_cost_s=cfg.devices.nfe_cost_s,
+        nfe_cost_s=nfe_cost_s,
     ).total_s
 
 
@@ -94,11 +94,11 @@ class _RoundBook:
         node_config: Callable[[int], Mapping[str, Any]] | None = None,
     ) -> None:
         self.node_config = node_config
-        self.cfg = cfg
         self.strategy = strategy
         self.model_bytes = model_bytes
         self.recorder = recorder
-        self.tier_names = [t.name for t in cfg.devices.tiers]
+        self.devices = attribute_view(cfg.devices)  # read per reply: plain attributes, not OmegaConf
+        self.tier_names = [t.name for t in self.devices.tiers]
         self.cum_sim = 0.0
         self.t_last = time.perf_counter()
 
@@ -116,10 +116,10 @@ class _RoundBook:
                 tier_idx = (
                     self.tier_names.index(info["tier"]) if info.get("tier") in self.tier_names else None
                 )
-            tier = self.cfg.devices.tiers[int(tier_idx)] if tier_idx is not None else None
+            tier = self.devices.tiers[int(tier_idx)] if tier_idx is not None else None
             sim = None
             if tier is not None and e["status"] in ("ok", "dropped"):
-                sim = reply_sim_time(self.cfg, tier, e, self.model_bytes)
+                sim = reply_sim_time(tier, e, self.model_bytes, self.devices.nfe_cost_s)
             node = int(e["node_id"])
             ok = e["status"] == "ok"
             rows.append(
@@ -150,7 +150,7 @@ class _RoundBook:
         counts = getattr(self.strategy, "round_counts", {}).get(server_round, {})
         sims = [c["sim_time_s"] for c in clients if c["status"] == "ok" and c["sim_time_s"] is not None]
         sim = max(sims) if sims else 0.0
-        deadline = self.cfg.devices.deadline_s
+        deadline = self.devices.deadline_s
         if deadline is not None and (counts.get("dropped", 0) or sim > deadline):
             sim = deadline  # the server closes the round at the deadline
         self.cum_sim += sim
@@ -179,12 +179,12 @@ class _RoundBook:
 def deadline_check(cfg: Any, model_bytes: int) -> Callable[[Mapping[str, Any]], tuple[str, str] | None]:
     """Reply check for ``devices.deadline_policy=drop``: a reply whose simulated time is past the deadline
     is dropped (it would have arrived after the server closed the round)."""
-    tiers = list(cfg.devices.tiers)
-    deadline = float(cfg.devices.deadline_s)
+    devices = attribute_view(cfg.devices)
+    deadline = float(devices.deadline_s)
 
     def check(metrics: Mapping[str, Any]) -> tuple[str, str] | None:
-        tier = tiers[int(metrics.get("tier", 0))]
-        t = reply_sim_time(cfg, tier, metrics, model_bytes)
+        tier = devices.tiers[int(metrics.get("tier", 0))]
+        t = reply_sim_time(tier, metrics, model_bytes, devices.nfe_cost_s)
         if t > deadline:
             return "dropped", f"deadline: simulated time {t:.3f}s > deadline_s={deadline:g}"
         return None
