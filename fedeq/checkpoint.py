@@ -2,14 +2,25 @@
 
 A checkpoint holds the round, the global arrays, the strategy's state (its attributes, e.g. FedAdam's
 moments and the reply log), the RNG states of Python, NumPy and torch, and the results recorded so far. It is
-written atomically (temporary file + rename) after every round, once its central evaluation is recorded.
+written after every round, once its central evaluation is recorded, in two files:
+
+- ``checkpoint.journal``: what only grows during a run (the strategy's reply logs, the recorder's rows),
+  appended as one record per round holding that round's new items, so a round's checkpoint costs the same
+  at round 1,000 as at round 1 (rewriting whole logs made it grow with the round number);
+- ``checkpoint.pkl``: the rest, with the length of every journaled list, replaced atomically (temporary
+  file + rename) after the round's journal record is on disk.
+
+A crash between the two leaves a journal record the checkpoint does not know about; loading drops it (and a
+record cut short by the crash), so the run resumes from the last complete checkpoint.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import random
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +28,7 @@ import numpy as np
 import torch
 
 CHECKPOINT_FILE = "checkpoint.pkl"
+JOURNAL_FILE = "checkpoint.journal"
 
 
 def rng_state() -> dict[str, Any]:
@@ -42,22 +54,98 @@ def save_checkpoint(out_dir: Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(out_dir: Path) -> dict[str, Any]:
+    """The last complete checkpoint of ``out_dir``; ``state["journal"]`` holds the journaled lists whole."""
     path = Path(out_dir) / CHECKPOINT_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"--resume: no {CHECKPOINT_FILE} in {out_dir} (was the run started by fedeq?)"
         )
     with open(path, "rb") as fh:
-        return pickle.load(fh)
+        state = pickle.load(fh)
+    if "journal" in state:
+        state["journal"] = Journal(out_dir).load(state["round"], state["journal"])
+    return state
+
+
+class Journal:
+    """Append-only storage of lists that only grow during a run, one record per round.
+
+    :meth:`take` returns what each list gained since the last call; :meth:`append` writes a round's record
+    (flushed and synced); :meth:`load` rebuilds the lists as they were at a checkpoint's round.
+    """
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.path = Path(out_dir) / JOURNAL_FILE
+        self.lengths: dict[str, int] = {}
+
+    def take(self, lists: Mapping[str, Sequence[Any]]) -> dict[str, list[Any]]:
+        """The items appended to each named list since the last :meth:`take` (a new list each)."""
+        tails = {}
+        for name, items in lists.items():
+            start = self.lengths.get(name, 0)
+            if len(items) < start:
+                raise RuntimeError(f"journaled list {name!r} shrank from {start} to {len(items)} items")
+            tails[name] = list(items[start:])
+            self.lengths[name] = len(items)
+        return tails
+
+    def append(self, server_round: int, tails: Mapping[str, Sequence[Any]]) -> None:
+        with open(self.path, "ab") as fh:
+            pickle.dump((int(server_round), dict(tails)), fh, protocol=pickle.HIGHEST_PROTOCOL)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def load(self, server_round: int, lengths: Mapping[str, int]) -> dict[str, list[Any]]:
+        """The lists as of ``server_round``, checked against the checkpoint's ``lengths``.
+
+        Records of later rounds and a record cut short are dropped from the file, so that appending goes on
+        from ``server_round``.
+        """
+        lists: dict[str, list[Any]] = {name: [] for name in lengths}
+        end = 0
+        data = self.path.read_bytes() if self.path.is_file() else b""
+        stream = io.BytesIO(data)
+        while stream.tell() < len(data):
+            try:
+                rnd, tails = pickle.load(stream)
+            except Exception:  # noqa: BLE001 - a record cut short by a crash
+                break
+            if rnd > server_round:
+                break
+            for name, items in tails.items():
+                lists.setdefault(name, []).extend(items)
+            end = stream.tell()
+        got = {name: len(lists.get(name, ())) for name in lengths}
+        if got != dict(lengths):
+            raise ValueError(
+                f"--resume: {self.path} does not match {CHECKPOINT_FILE} (round {server_round}): "
+                f"items per list {got}, expected {dict(lengths)}"
+            )
+        if end < len(data):
+            with open(self.path, "r+b") as fh:
+                fh.truncate(end)
+        self.lengths = dict(lengths)
+        return lists
 
 
 TRANSIENT_ATTRIBUTES = ("reply_checks",)
 """Strategy attributes rebuilt from the config on resume rather than stored (they hold closures)."""
 
+JOURNALED_ATTRIBUTES = ("client_log", "eval_client_log")
+"""Strategy attributes that only grow (the reply guard's logs): stored in the journal, not the snapshot."""
+
 
 def strategy_state(strategy: Any) -> dict[str, Any]:
-    """The strategy's attributes (picklable for Flower's built-in strategies), minus transient ones."""
-    return {k: v for k, v in vars(strategy).items() if k not in TRANSIENT_ATTRIBUTES}
+    """The strategy's attributes (picklable for Flower's built-in strategies), minus transient and
+    journaled ones."""
+    skip = (*TRANSIENT_ATTRIBUTES, *JOURNALED_ATTRIBUTES)
+    return {k: v for k, v in vars(strategy).items() if k not in skip}
+
+
+def journaled_lists(strategy: Any) -> dict[str, list[Any]]:
+    """The strategy's :data:`JOURNALED_ATTRIBUTES` it has, by name."""
+    lists = {k: getattr(strategy, k, None) for k in JOURNALED_ATTRIBUTES}
+    return {k: v for k, v in lists.items() if isinstance(v, list)}
 
 
 def snapshot_strategy(strategy: Any) -> bytes:

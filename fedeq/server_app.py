@@ -21,6 +21,8 @@ from rich.console import Console
 from clients.client_app import tier_deq_settings
 from fedeq.arrays import record_from_numpy, record_to_numpy, record_to_state_dict
 from fedeq.checkpoint import (
+    Journal,
+    journaled_lists,
     load_checkpoint,
     restore_strategy,
     rng_state,
@@ -103,7 +105,7 @@ class _RoundBook:
         self.t_last = time.perf_counter()
 
     def client_rows(self, server_round: int) -> list[dict[str, Any]]:
-        log = [e for e in getattr(self.strategy, "client_log", []) if e["round"] == server_round]
+        log = self.strategy.round_entries(server_round)
         quality = getattr(self.strategy, "last_quality", {})
         weights = getattr(self.strategy, "last_weights", {})
         rows = []
@@ -192,6 +194,12 @@ def deadline_check(cfg: Any, model_bytes: int) -> Callable[[Mapping[str, Any]], 
     return check
 
 
+def _owned_by(lists: Mapping[str, Any], owner: str) -> dict[str, Any]:
+    """The journaled lists named ``"<owner>.<attribute>"``, by attribute."""
+    parts = {name: name.partition(".") for name in lists}
+    return {attr: lists[name] for name, (who, _, attr) in parts.items() if who == owner}
+
+
 def run_server(
     grid: Grid, cfg: Any, out_dir: Path | None = None, quiet: bool = False, resume: bool = False
 ) -> Path:
@@ -231,12 +239,20 @@ def run_server(
     main_settings = budgets_by_tier[ref.name]
 
     start_round = 1
-    if resume:
+    journal = Journal(out)
+    if not resume:
+        journal.path.unlink(missing_ok=True)  # a journal left in a reused output folder by an earlier run
+    else:
         state = load_checkpoint(out)
         start_round = int(state["round"]) + 1
         arrays = record_from_numpy(state["arrays"])
         restore_strategy(strategy, state["strategy"])
-        recorder.restore(state["recorder"])
+        # Checkpoints written before the journal kept these lists whole in checkpoint.pkl: no "journal" key.
+        lists = state.get("journal", {})
+        for attr, items in _owned_by(lists, "strategy").items():
+            setattr(strategy, attr, items)
+        recorder.restore({**state["recorder"], **_owned_by(lists, "recorder")})
+        journal.lengths = {name: len(items) for name, items in lists.items()}
         book.cum_sim = state["cum_sim"]
         set_rng_state(state["rng"])
         if not quiet:
@@ -286,18 +302,26 @@ def run_server(
         # The strategy and the RNGs are captured now, before the next round touches them; the results and
         # the checkpoint are written once the round's central evaluation has recorded its row.
         strategy_snapshot = snapshot_strategy(strategy)
+        tails = journal.take({f"strategy.{k}": v for k, v in journaled_lists(strategy).items()})
+        lengths = {name: journal.lengths[name] for name in tails}
         rng = rng_state()
 
         def write_checkpoint() -> None:
+            rec = recorder.state()
+            rows = {"recorder.rounds": rec.pop("rounds"), "recorder.clients": rec.pop("clients")}
+            tails.update(journal.take(rows))
+            lengths.update({name: journal.lengths[name] for name in rows})
+            journal.append(server_round, tails)
             save_checkpoint(
                 out,
                 {
                     "round": server_round,
                     "arrays": record_to_numpy(global_arrays),
                     "strategy": strategy_snapshot,
-                    "recorder": recorder.state(),
+                    "recorder": rec,
                     "cum_sim": book.cum_sim,
                     "rng": rng,
+                    "journal": lengths,
                 },
             )
 
