@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_run(out_dir: Path, rounds: pd.DataFrame, curve: Sequence[dict[str, Any]]) -> list[Path]:
@@ -24,6 +25,7 @@ def plot_run(out_dir: Path, rounds: pd.DataFrame, curve: Sequence[dict[str, Any]
             rounds["round"], rounds[col], linestyle="--", alpha=0.8, label=col.replace("test_acc@", "at ")
         )
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
