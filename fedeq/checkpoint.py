@@ -53,17 +53,32 @@ def save_checkpoint(out_dir: Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(out_dir: Path) -> dict[str, Any]:
-    """The last complete checkpoint of ``out_dir``; ``state["journal"]`` holds the journaled lists whole."""
+def load_checkpoint(out_dir: Path, *, truncate: bool = True) -> dict[str, Any]:
+    """The last complete checkpoint of ``out_dir``; ``state["journal"]`` holds the journaled lists whole.
+
+    Raises ``FileNotFoundError`` without ``checkpoint.pkl`` and ``ValueError`` for a file that is not a
+    fedeq checkpoint or a journal that does not match it. ``truncate=False`` leaves the journal file as it
+    is (to check a checkpoint without changing anything).
+    """
     path = Path(out_dir) / CHECKPOINT_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"--resume: no {CHECKPOINT_FILE} in {out_dir} (was the run started by fedeq?)"
         )
-    with open(path, "rb") as fh:
-        state = pickle.load(fh)
+    try:
+        with open(path, "rb") as fh:
+            state = pickle.load(fh)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line error
+        raise ValueError(
+            f"--resume: {path} is not a readable checkpoint ({type(err).__name__}: {err})"
+        ) from err
+    missing = {"round", "arrays", "strategy", "recorder", "cum_sim", "rng"} - set(
+        state if isinstance(state, dict) else ()
+    )
+    if missing:
+        raise ValueError(f"--resume: {path} is not a fedeq checkpoint (missing {sorted(missing)})")
     if "journal" in state:
-        state["journal"] = Journal(out_dir).load(state["round"], state["journal"])
+        state["journal"] = Journal(out_dir).load(state["round"], state["journal"], truncate=truncate)
     return state
 
 
@@ -95,11 +110,13 @@ class Journal:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def load(self, server_round: int, lengths: Mapping[str, int]) -> dict[str, list[Any]]:
+    def load(
+        self, server_round: int, lengths: Mapping[str, int], truncate: bool = True
+    ) -> dict[str, list[Any]]:
         """The lists as of ``server_round``, checked against the checkpoint's ``lengths``.
 
-        Records of later rounds and a record cut short are dropped from the file, so that appending goes on
-        from ``server_round``.
+        Records of later rounds and a record cut short are dropped from the file (unless ``truncate`` is
+        false), so that appending goes on from ``server_round``.
         """
         lists: dict[str, list[Any]] = {name: [] for name in lengths}
         end = 0
@@ -121,7 +138,7 @@ class Journal:
                 f"--resume: {self.path} does not match {CHECKPOINT_FILE} (round {server_round}): "
                 f"items per list {got}, expected {dict(lengths)}"
             )
-        if end < len(data):
+        if truncate and end < len(data):
             with open(self.path, "r+b") as fh:
                 fh.truncate(end)
         self.lengths = dict(lengths)

@@ -93,6 +93,14 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
                 raise ConfigError(
                     "--resume", "only runs on engine=ray can be resumed", "engine=ray", cfg.engine
                 )
+            from fedeq.checkpoint import load_checkpoint
+
+            try:  # a damaged checkpoint or journal stops here, not mid-run
+                load_checkpoint(resume, truncate=False)
+            except ValueError as err:
+                problem = str(err).removeprefix("--resume: ")
+                allowed = "checkpoint.pkl and checkpoint.journal as fedeq wrote them"
+                raise ConfigError("--resume", problem, allowed, str(resume)) from err
         else:
             path, overrides = split_config_args(ns.args)
             cfg = load_config(path, overrides)

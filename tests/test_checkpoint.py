@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -152,3 +154,41 @@ def test_a_checkpoint_without_journal_still_resumes(tmp_path):
     a, b = torch.load(full / "global_model.pt"), torch.load(resumed / "global_model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(load_checkpoint(resumed)["journal"]["recorder.clients"]) == 4 * 4
+
+
+def _damage_garbage(out) -> None:  # type: ignore[no-untyped-def]
+    (out / CHECKPOINT_FILE).write_bytes(b"not a pickle")
+
+
+def _damage_keys(out) -> None:  # type: ignore[no-untyped-def]
+    (out / CHECKPOINT_FILE).write_bytes(pickle.dumps({"round": 2}))
+
+
+def _damage_journal(out) -> None:  # type: ignore[no-untyped-def]
+    data = (out / JOURNAL_FILE).read_bytes()
+    (out / JOURNAL_FILE).write_bytes(data[: len(data) // 3])  # round 2's record (at least) is lost
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (_damage_garbage, "is not a readable checkpoint"),
+        (_damage_keys, "is not a fedeq checkpoint (missing ['arrays', 'cum_sim', 'recorder', 'rng', "),
+        (_damage_journal, "checkpoint.journal does not match checkpoint.pkl (round 2)"),
+    ],
+)
+def test_resume_of_a_damaged_checkpoint_exits_2_and_changes_nothing(tmp_path, damage, problem):
+    out = _run(tmp_path, "run", rounds=2)
+    damage(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    res = subprocess.run(
+        [sys.executable, "-m", "fedeq.cli", "simulate", "--resume", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fedeq: error: --resume: "), res.stderr
+    assert problem in lines[0] and "allowed: checkpoint.pkl and checkpoint.journal" in lines[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
