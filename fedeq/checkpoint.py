@@ -29,6 +29,8 @@ import torch
 
 CHECKPOINT_FILE = "checkpoint.pkl"
 JOURNAL_FILE = "checkpoint.journal"
+CHECKPOINT_KEYS = frozenset({"round", "arrays", "strategy", "recorder", "cum_sim", "rng"})
+"""What every ``checkpoint.pkl`` holds (``journal``, the journaled lists' lengths, since the journal)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -72,9 +74,7 @@ def load_checkpoint(out_dir: Path, *, truncate: bool = True) -> dict[str, Any]:
         raise ValueError(
             f"--resume: {path} is not a readable checkpoint ({type(err).__name__}: {err})"
         ) from err
-    missing = {"round", "arrays", "strategy", "recorder", "cum_sim", "rng"} - set(
-        state if isinstance(state, dict) else ()
-    )
+    missing = CHECKPOINT_KEYS - set(state if isinstance(state, dict) else ())
     if missing:
         raise ValueError(f"--resume: {path} is not a fedeq checkpoint (missing {sorted(missing)})")
     if "journal" in state:

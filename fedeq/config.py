@@ -702,7 +702,7 @@ def attribute_view(cfg: Any) -> Any:
             return [view(v) for v in value]
         return value
 
-    return view(OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg)
+    return view(OmegaConf.to_container(cfg, resolve=True))
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> FedeqConfig:

@@ -80,17 +80,18 @@ class Adam(_Optimizer):
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
         self.eps = float(eps)
         self.steps = [0] * len(self.params)
-        self.exp_avg: list[Tensor | None] = [None] * len(self.params)
-        self.exp_avg_sq: list[Tensor | None] = [None] * len(self.params)
+        self.moments: list[tuple[Tensor, Tensor] | None] = [None] * len(self.params)
+        """``(m, v)`` of each parameter, made at its first step."""
 
     @torch.no_grad()
     def step(self) -> None:
         b1, b2 = self.beta1, self.beta2
         for i, p, g in self._grads():
-            m, v = self.exp_avg[i], self.exp_avg_sq[i]
-            if m is None or v is None:
-                m = self.exp_avg[i] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                v = self.exp_avg_sq[i] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            moments = self.moments[i]
+            if moments is None:
+                zeros = [torch.zeros_like(p, memory_format=torch.preserve_format) for _ in range(2)]
+                moments = self.moments[i] = (zeros[0], zeros[1])
+            m, v = moments
             self.steps[i] += 1
             t = self.steps[i]
             m.lerp_(g, 1 - b1)

@@ -89,7 +89,7 @@ class _RoundBook:
 
     def __init__(
         self,
-        cfg: Any,
+        devices: Any,
         strategy: Any,
         model_bytes: int,
         recorder: RunRecorder,
@@ -99,7 +99,8 @@ class _RoundBook:
         self.strategy = strategy
         self.model_bytes = model_bytes
         self.recorder = recorder
-        self.devices = attribute_view(cfg.devices)  # read per reply: plain attributes, not OmegaConf
+        self.devices = devices
+        """``cfg.devices`` as :func:`~fedeq.config.attribute_view` (read per reply: not OmegaConf)."""
         self.tier_names = [t.name for t in self.devices.tiers]
         self.cum_sim = 0.0
         self.t_last = time.perf_counter()
@@ -178,10 +179,10 @@ class _RoundBook:
         return row
 
 
-def deadline_check(cfg: Any, model_bytes: int) -> Callable[[Mapping[str, Any]], tuple[str, str] | None]:
-    """Reply check for ``devices.deadline_policy=drop``: a reply whose simulated time is past the deadline
-    is dropped (it would have arrived after the server closed the round)."""
-    devices = attribute_view(cfg.devices)
+def deadline_check(devices: Any, model_bytes: int) -> Callable[[Mapping[str, Any]], tuple[str, str] | None]:
+    """Reply check for ``devices.deadline_policy=drop`` (``devices``: ``cfg.devices`` as an attribute view):
+    a reply whose simulated time is past the deadline is dropped (it would have arrived after the server
+    closed the round)."""
     deadline = float(devices.deadline_s)
 
     def check(metrics: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -231,9 +232,10 @@ def run_server(
     )
 
     strategy = strategy_for(cfg)
-    if cfg.devices.deadline_s is not None and cfg.devices.deadline_policy == "drop":
-        strategy.reply_checks.append(deadline_check(cfg, model_bytes))
-    book = _RoundBook(cfg, strategy, model_bytes, recorder, getattr(grid, "node_config", None))
+    devices = attribute_view(cfg.devices)
+    if devices.deadline_s is not None and devices.deadline_policy == "drop":
+        strategy.reply_checks.append(deadline_check(devices, model_bytes))
+    book = _RoundBook(devices, strategy, model_bytes, recorder, getattr(grid, "node_config", None))
     ref = reference_tier(cfg)
     budgets_by_tier = {t.name: tier_deq_settings(cfg, t) for t in tiers}
     main_settings = budgets_by_tier[ref.name]
