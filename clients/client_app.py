@@ -24,20 +24,20 @@ from flwr.common.constant import ErrorCode
 from omegaconf import OmegaConf
 from torch import nn
 
-from fedeq.adversarial import adversarial_from_config
 from fedeq.arrays import record_from_state_dict, record_to_state_dict
-from fedeq.clock import client_sim_time
-from fedeq.config import (
+from fedeq.config.core import (
     RUN_CONFIG_KEY,
     assign_tiers,
     attribute_view,
     config_from_run_config,
     config_from_yaml,
 )
-from fedeq.data import load_client_data, load_dataset
-from fedeq.faults import before_training, draw_fault, poison
-from fedeq.models import build_model
-from fedeq.training import evaluate, move_to, resolve_device, train_local
+from fedeq.data.core import load_client_data, load_dataset
+from fedeq.devices.clock import client_sim_time
+from fedeq.devices.faults import before_training, draw_fault, poison
+from fedeq.models.core import build_model
+from fedeq.train.adversarial import adversarial_from_config
+from fedeq.train.local import evaluate, move_to, resolve_device, train_local
 
 TRAIN_METRIC_KEYS = (
     "num-examples",

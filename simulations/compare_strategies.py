@@ -19,8 +19,8 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from fedeq.config import load_config
-from fedeq.simulate import simulate
+from fedeq.config.core import load_config
+from fedeq.engines.simulate import simulate
 
 DEFAULT_STRATEGIES = (
     "fedavg",

@@ -17,7 +17,7 @@ def ray_session() -> Iterator[None]:
     """A local Ray cluster with 4 logical CPUs for the module's tests (shut down after, if started here)."""
     import ray
 
-    from fedeq.ray_grid import start_ray
+    from fedeq.engines.ray.grid import start_ray
 
     started = not ray.is_initialized()
     start_ray(num_cpus=4)

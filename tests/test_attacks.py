@@ -9,16 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedeq import config as fconfig
-from fedeq.adversarial import (
-    ADVERSARIAL_MODES,
-    AdversarialConfig,
-    EntropyDefense,
-    adversarial_from_config,
-    adversarial_step,
-    entropy_reduced_inputs,
-)
-from fedeq.attacks import (
+from fedeq.config import core as fconfig
+from fedeq.config.core import ConfigError, load_config
+from fedeq.data.core import load_dataset
+from fedeq.models.core import MLPDEQ, ExplicitMLP
+from fedeq.models.parts import entropy
+from fedeq.robust.attacks import (
     NORMS,
     AttackConfig,
     fgsm,
@@ -28,11 +24,15 @@ from fedeq.attacks import (
     project,
     robust_accuracy,
 )
-from fedeq.config import ConfigError, load_config
-from fedeq.data import load_dataset
-from fedeq.models import MLPDEQ, ExplicitMLP
-from fedeq.parts import entropy
-from fedeq.training import train_local
+from fedeq.train.adversarial import (
+    ADVERSARIAL_MODES,
+    AdversarialConfig,
+    EntropyDefense,
+    adversarial_from_config,
+    adversarial_step,
+    entropy_reduced_inputs,
+)
+from fedeq.train.local import train_local
 
 ROOT = Path(__file__).resolve().parents[1]
 DEQ = {"solver": "anderson", "f_max_iter": 10, "b_max_iter": 10, "tol": 1e-5}
@@ -292,7 +292,7 @@ def test_config_keys_and_mapping() -> None:
 
 @pytest.mark.slow
 def test_federated_adversarial_training_end_to_end(tmp_path: Path) -> None:
-    from fedeq.simulate import simulate
+    from fedeq.engines.simulate import simulate
 
     cfg = load_config(
         ROOT / "simulations" / "configs" / "quick.yaml",

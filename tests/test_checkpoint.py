@@ -12,10 +12,10 @@ import torch
 from flwr.app import Context, Message, RecordDict
 
 import clients.client_app as client_app
-from fedeq.checkpoint import CHECKPOINT_FILE, JOURNAL_FILE, Journal, load_checkpoint
-from fedeq.config import load_config
-from fedeq.ray_grid import NODE_ID_OFFSET
-from fedeq.server_app import run_server
+from fedeq.config.core import load_config
+from fedeq.engines.ray.grid import NODE_ID_OFFSET
+from fedeq.results.checkpoint import CHECKPOINT_FILE, JOURNAL_FILE, Journal, load_checkpoint
+from fedeq.server.app import run_server
 from tests.flwr_helpers import LocalGrid, task_identity
 
 QUICK = "simulations/configs/quick.yaml"
@@ -182,7 +182,7 @@ def test_resume_of_a_damaged_checkpoint_exits_2_and_changes_nothing(tmp_path, da
     damage(out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     res = subprocess.run(
-        [sys.executable, "-m", "fedeq.cli", "simulate", "--resume", str(out)],
+        [sys.executable, "-m", "fedeq.cli.main", "simulate", "--resume", str(out)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -8,7 +8,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 import clients.client_app as client_app
-from fedeq.config import RUN_CONFIG_KEY, assign_tiers, load_config, to_yaml
+from fedeq.config.core import RUN_CONFIG_KEY, assign_tiers, load_config, to_yaml
 from tests.flwr_helpers import task_identity
 
 QUICK = "simulations/configs/quick.yaml"

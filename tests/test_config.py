@@ -10,7 +10,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from fedeq.config import (
+from fedeq.config.core import (
     BACKWARDS,
     DATA_NAMES,
     ENGINES,
@@ -365,7 +365,7 @@ def test_run_config_unknown_key() -> None:
 
 
 def test_local_ray_cluster_gets_whole_cpus_for_fractional_tiers():
-    from fedeq.ray_engine import plan_pools
+    from fedeq.engines.ray.engine import plan_pools
 
     cfg = load_config(None, ["ray.num_cpus=2", "devices.tiers.3.num_cpus=0.25"])
     sizes, cpus = plan_pools(cfg)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedeq.data import (
+from fedeq.data.core import (
     ClientData,
     DatasetSplits,
     batches,
@@ -289,7 +289,7 @@ def test_client_data_small_partition_and_omegaconf() -> None:
 
 def test_installed_dataset_and_partitions_are_used(digits: DatasetSplits) -> None:
     """A worker given the driver's dataset and partitions uses them instead of loading its own."""
-    from fedeq import data
+    from fedeq.data import core as data
 
     cfg = DataCfg(name="npz", path="/nonexistent/data.npz", partition="iid", val_fraction=0.25)
     rng = np.random.default_rng(0)
@@ -325,7 +325,7 @@ def test_workers_do_not_import_heavy_modules() -> None:
 import sys
 import numpy as np
 import clients.client_app
-from fedeq import data
+from fedeq.data import core as data
 from types import SimpleNamespace
 cfg = SimpleNamespace(name="npz", path="/nonexistent.npz", test_path=None, test_fraction=0.2,
                       partition="dirichlet", alpha=0.5, labels_per_client=2, val_fraction=0.2)

@@ -22,9 +22,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-from fedeq.cli import main
-from fedeq.config import load_config
-from fedeq.deploy.certs import (
+from fedeq.cli.main import main
+from fedeq.config.core import load_config
+from fedeq.engines.deploy.certs import (
     NodeKeys,
     check_layout,
     generate_deployment,
@@ -32,7 +32,7 @@ from fedeq.deploy.certs import (
     load_public_key_openssh,
     server_names,
 )
-from fedeq.deploy.launcher import (
+from fedeq.engines.deploy.launcher import (
     CONNECTION_NAME,
     LocalDeployment,
     _flwr,
@@ -41,7 +41,7 @@ from fedeq.deploy.launcher import (
     node_tiers,
     supernode_argv,
 )
-from fedeq.deploy.processes import ProcessRegistry, descendants, pid_alive
+from fedeq.engines.deploy.processes import ProcessRegistry, descendants, pid_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "simulations" / "configs" / "quick.yaml"
@@ -386,7 +386,7 @@ def test_registry_stops_a_process_tree_also_on_failure(tmp_path: Path) -> None:
 def test_launcher_stops_its_processes_on_ctrl_c_and_sigterm(tmp_path: Path, sig: int) -> None:
     launcher = f"""
 import sys, time
-from fedeq.deploy.processes import ProcessRegistry, signals_raise
+from fedeq.engines.deploy.processes import ProcessRegistry, signals_raise
 try:
     with signals_raise(), ProcessRegistry({str(tmp_path)!r}) as reg:
         p = reg.start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from fedeq.deq import DEQ, DEQSettings
-from fedeq.regularizers import jacobian_frobenius, spectral_norm_estimate
+from fedeq.deq.layer import DEQ, DEQSettings
+from fedeq.deq.regularizers import jacobian_frobenius, spectral_norm_estimate
 
 D = 12
 B = 5

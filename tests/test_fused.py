@@ -6,8 +6,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from fedeq import solvers
-from fedeq.solvers import BroydenFactors, broyden_transpose_apply, fused_available, set_fused, solve
+from fedeq.deq.solvers import core as solvers
+from fedeq.deq.solvers.core import BroydenFactors, broyden_transpose_apply, fused_available, set_fused, solve
 
 requires_fused = pytest.mark.skipif(not fused_available(), reason="fedeq._fused is not built")
 

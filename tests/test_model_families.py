@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedeq.config import ConfigError, load_config
-from fedeq.data import load_dataset
-from fedeq.lyadeq import LyaDEQ
-from fedeq.models import build_model, num_parameters
-from fedeq.mondeq import (
+from fedeq.config.core import ConfigError, load_config
+from fedeq.data.core import load_dataset
+from fedeq.deq.solvers.core import solve
+from fedeq.models.core import build_model, num_parameters
+from fedeq.models.lyadeq import LyaDEQ
+from fedeq.models.mondeq import (
     ConvMonDEQ,
     ConvOperator,
     MonDEQ,
@@ -23,9 +24,8 @@ from fedeq.mondeq import (
     monotone_solve,
     splitting_map,
 )
-from fedeq.solvers import solve
-from fedeq.tied import TiedMLP, make_masks
-from fedeq.training import train_local
+from fedeq.models.tied import TiedMLP, make_masks
+from fedeq.train.local import train_local
 
 FAMILIES = ("mondeq", "conv_mondeq", "tied", "tied_sparse", "lyadeq")
 
@@ -497,7 +497,7 @@ def test_config_selects_families_and_validates_their_knobs():
 def test_family_runs_federated_through_the_apps(name, tmp_path):
     import pandas as pd
 
-    from fedeq.simulate import simulate
+    from fedeq.engines.simulate import simulate
 
     cfg = load_config(
         "simulations/configs/quick.yaml",

@@ -6,8 +6,8 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from fedeq.models import MLPDEQ, MODELS, ConvDEQ, build_model, num_parameters
-from fedeq.training import accuracy_vs_budget, evaluate, train_local
+from fedeq.models.core import MLPDEQ, MODELS, ConvDEQ, build_model, num_parameters
+from fedeq.train.local import accuracy_vs_budget, evaluate, train_local
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
@@ -98,7 +98,7 @@ def test_fedprox_term_pulls_towards_start():
 
 
 def test_move_to_skips_a_model_already_on_the_device(monkeypatch):
-    from fedeq.training import move_to
+    from fedeq.train.local import move_to
 
     calls = []
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.GroupNorm(1, 2))

@@ -1,4 +1,4 @@
-"""fedeq.optim against torch.optim: the same updates bit for bit, clear errors, no torch._dynamo import."""
+"""fedeq.train.optim against torch.optim: the same updates bit for bit, clear errors, no torch._dynamo import."""
 
 import copy
 import subprocess
@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from fedeq.models import build_model
-from fedeq.optim import SGD, Adam, make_optimizer
-from fedeq.training import train_local
+from fedeq.models.core import build_model
+from fedeq.train.local import train_local
+from fedeq.train.optim import SGD, Adam, make_optimizer
 
 
 def _net() -> torch.nn.Module:
@@ -61,7 +61,7 @@ def test_train_local_matches_torch_optim_adam(monkeypatch):
     kw = dict(epochs=2, lr=0.01, batch_size=16, proximal_mu=0.1, weight_decay=1e-3, seed=3)
     train_local(model, x, y, **kw)
     monkeypatch.setattr(
-        "fedeq.training.make_optimizer",
+        "fedeq.train.local.make_optimizer",
         lambda name, params, lr, weight_decay: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay),
     )
     train_local(ref_model, x, y, **kw)
@@ -99,8 +99,8 @@ def test_local_training_does_not_import_torch_dynamo():
     """torch.optim imports torch._dynamo (~40 MB) in every process that trains; fedeq's optimizers do not."""
     code = (
         "import sys, torch\n"
-        "from fedeq.models import build_model\n"
-        "from fedeq.training import train_local\n"
+        "from fedeq.models.core import build_model\n"
+        "from fedeq.train.local import train_local\n"
         "m = build_model('mlp_deq', (64,), 10)\n"
         "for opt in ('adam', 'sgd'):\n"
         "    train_local(m, torch.randn(32, 64), torch.arange(32) % 10, epochs=1, optimizer=opt)\n"

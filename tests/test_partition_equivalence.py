@@ -1,4 +1,4 @@
-"""The fast partitioning path of ``fedeq.data`` gives exactly the partitions of the original path.
+"""The fast partitioning path of ``fedeq.data.core`` gives exactly the partitions of the original path.
 
 The original path (kept below as ``reference_partition_indices``, the code of ``fedeq/data.py`` before the
 fast path) loads every partition with Flower Datasets' ``load_partition`` and, for Dirichlet, lets
@@ -21,8 +21,8 @@ from flwr_datasets.partitioner import (
     PathologicalPartitioner,
 )
 
-import fedeq.data as fdata
-from fedeq.data import partition_indices
+import fedeq.data.core as fdata
+from fedeq.data.core import partition_indices
 
 # --------------------------------------------------------------------------------------------------------
 # The original implementation (fedeq/data.py before the fast path), kept verbatim in substance

@@ -23,10 +23,10 @@ ray = pytest.importorskip("ray")
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
-from fedeq.clock import client_sim_time  # noqa: E402
-from fedeq.config import RUN_CONFIG_KEY, load_config, to_yaml  # noqa: E402
-from fedeq.ray_engine import make_grid, server_identity  # noqa: E402
-from fedeq.ray_grid import RayGrid  # noqa: E402
+from fedeq.config.core import RUN_CONFIG_KEY, load_config, to_yaml  # noqa: E402
+from fedeq.devices.clock import client_sim_time  # noqa: E402
+from fedeq.engines.ray.engine import make_grid, server_identity  # noqa: E402
+from fedeq.engines.ray.grid import RayGrid  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "simulations" / "configs" / "quick.yaml"
@@ -39,7 +39,7 @@ def _quick(tmp_path: Path, *overrides: str):
 
 
 def _run(cfg):
-    from fedeq.simulate import simulate
+    from fedeq.engines.simulate import simulate
 
     return simulate(cfg, quiet=True)
 
@@ -47,8 +47,8 @@ def _run(cfg):
 def test_flower_fedavg_runs_unchanged_on_the_ray_grid(tmp_path):
     cfg = _quick(tmp_path)
     grid = make_grid(cfg)
-    from fedeq.data import load_dataset
-    from fedeq.models import build_model
+    from fedeq.data.core import load_dataset
+    from fedeq.models.core import build_model
 
     splits = load_dataset("digits")
     torch.manual_seed(0)
@@ -214,7 +214,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     args = [
         sys.executable,
         "-m",
-        "fedeq.cli",
+        "fedeq.cli.main",
         "simulate",
         str(QUICK),
         "engine=ray",
@@ -245,7 +245,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     assert not (tmp_path / "killed" / "global_model.pt").exists()
 
     res = subprocess.run(
-        [sys.executable, "-m", "fedeq.cli", "simulate", "--resume", str(tmp_path / "killed"), "--quiet"],
+        [sys.executable, "-m", "fedeq.cli.main", "simulate", "--resume", str(tmp_path / "killed"), "--quiet"],
         env=env,
         cwd=ROOT,
         capture_output=True,

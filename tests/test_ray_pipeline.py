@@ -14,8 +14,8 @@ ray = pytest.importorskip("ray")
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict  # noqa: E402
 from flwr.common.constant import ErrorCode  # noqa: E402
 
-from fedeq.ray_engine import server_identity  # noqa: E402
-from fedeq.ray_grid import NODE_ID_OFFSET, RayGrid  # noqa: E402
+from fedeq.engines.ray.engine import server_identity  # noqa: E402
+from fedeq.engines.ray.grid import NODE_ID_OFFSET, RayGrid  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
@@ -107,8 +107,8 @@ def test_work_stays_balanced_at_the_end_of_a_round():
 
 
 def test_actors_use_the_partitions_the_driver_installed():
-    from fedeq import data
-    from fedeq.config import load_config
+    from fedeq.config.core import load_config
+    from fedeq.data import core as data
 
     cfg = load_config(None, ["num_clients=10", "data.partition=iid"])
     parts = data.client_partitions(cfg.data, 10, cfg.seed)
@@ -131,6 +131,6 @@ def test_actors_use_the_partitions_the_driver_installed():
 
 
 def _partition_sizes(data_cfg, n: int, seed: int) -> list[int]:
-    from fedeq.data import partition_sizes
+    from fedeq.data.core import partition_sizes
 
     return partition_sizes(data_cfg, n, seed)

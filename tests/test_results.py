@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from fedeq.results import CLIENT_COLUMNS, ROUND_COLUMNS, RunRecorder
+from fedeq.results.recorder import CLIENT_COLUMNS, ROUND_COLUMNS, RunRecorder
 
 
 def _client(rnd: int, i: int, status: str = "ok") -> dict:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fedeq.config import load_config
-from fedeq.results import CLIENT_COLUMNS, ROUND_COLUMNS
+from fedeq.config.core import load_config
+from fedeq.results.recorder import CLIENT_COLUMNS, ROUND_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "simulations" / "configs" / "quick.yaml"
@@ -21,7 +21,7 @@ QUICK = ROOT / "simulations" / "configs" / "quick.yaml"
 
 def _cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "fedeq.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+        [sys.executable, "-m", "fedeq.cli.main", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
     )
 
 
@@ -61,7 +61,7 @@ def test_missing_config_file_and_stray_argument_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_small_flower_simulation_writes_outputs_and_learns(tmp_path):
-    from fedeq.simulate import simulate
+    from fedeq.engines.simulate import simulate
 
     cfg = load_config(QUICK, [f"output_dir={tmp_path}", "run_name=run", "engine=flower"])
     out = simulate(cfg, quiet=True)

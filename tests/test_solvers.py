@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedeq.solvers import SOLVERS, solve
+from fedeq.deq.solvers.core import SOLVERS, solve
 
 SOLVER_NAMES = list(SOLVERS)
 
@@ -140,7 +140,7 @@ def _wide_problem(b: int = 5, d: int = 48, rho: float = 0.8, seed: int = 3):
 
 
 def test_broyden_residual_basis_matches_explicit_factors():
-    from fedeq.solvers import BroydenFactors, _broyden_explicit, broyden, broyden_transpose_apply
+    from fedeq.deq.solvers.core import BroydenFactors, _broyden_explicit, broyden, broyden_transpose_apply
 
     f, z0 = _wide_problem()
     for max_iter in (1, 2, 5, 20):
@@ -186,7 +186,7 @@ def test_wide_per_sample_stopping_and_divergence(name):
 @pytest.mark.parametrize("name", SOLVER_NAMES)
 def test_reused_buffers_give_identical_results(name, monkeypatch):
     # Solver buffers are kept between calls on the CPU: a solve must not see what an earlier one left.
-    from fedeq import solvers
+    from fedeq.deq.solvers import core as solvers
 
     f, z0 = _wide_problem()
     g, _ = _wide_problem(seed=4)
@@ -207,7 +207,7 @@ def test_broyden_factors_outlive_later_solves():
         solve(g, z0, "broyden", max_iter=10, tol=1e-30)
     _, fresh = solve(f, z0, "broyden", max_iter=10, tol=1e-30)
     w = torch.randn_like(z0)
-    from fedeq.solvers import broyden_transpose_apply
+    from fedeq.deq.solvers.core import broyden_transpose_apply
 
     torch.testing.assert_close(
         broyden_transpose_apply(st.broyden_factors, w), broyden_transpose_apply(fresh.broyden_factors, w)
@@ -230,7 +230,7 @@ def _nested_problem(name: str, inner_iter: int):
 @pytest.mark.parametrize("name", SOLVER_NAMES)
 def test_nested_solves_use_separate_buffers(name, monkeypatch):
     # f itself runs a solver of the same size (a DEQ inside a DEQ): each solve needs its own buffers.
-    from fedeq import solvers
+    from fedeq.deq.solvers import core as solvers
 
     outer, z0 = _nested_problem(name, inner_iter=5)
     z, _ = solve(outer, z0, name, max_iter=8, tol=1e-30)
@@ -243,7 +243,7 @@ def test_nested_solves_use_separate_buffers(name, monkeypatch):
 @pytest.mark.parametrize("d", [3, 64])
 def test_device_path_matches_host_path(name, d, monkeypatch):
     # GPUs take the path without host checks and without kept buffers; force it on the CPU and compare.
-    from fedeq import solvers
+    from fedeq.deq.solvers import core as solvers
 
     c = torch.zeros(4, d, dtype=torch.float64)
     c[1] = torch.linspace(-1, 1, d, dtype=torch.float64)
@@ -303,7 +303,7 @@ def _graph_problem(d: int, seed: int):
 def test_graphed_path_matches_host_path(name, options, stop_mode, monkeypatch):
     # On CUDA the bookkeeping runs on one signature's fixed buffers (replayed as CUDA graphs); force that
     # path on the CPU, where its steps run eagerly, and compare solve after solve with the host path.
-    from fedeq import solvers
+    from fedeq.deq.solvers import core as solvers
 
     kw = dict(max_iter=18, tol=1e-8, stop_mode=stop_mode, keep_trace=True, **options)
     problems = [_graph_problem(12, seed) for seed in (0, 1, 2)]
@@ -327,7 +327,7 @@ def test_graphed_path_matches_host_path(name, options, stop_mode, monkeypatch):
 def test_graphed_path_keeps_inputs_and_results_valid(name, monkeypatch):
     # The graphed path overwrites its buffers in every solve: what f was given and what a solve returned
     # must not be those buffers.
-    from fedeq import solvers
+    from fedeq.deq.solvers import core as solvers
 
     monkeypatch.setattr(solvers, "_graphed", lambda z: True)
     solvers._GRAPHS.clear()
@@ -349,7 +349,7 @@ def test_graphed_path_keeps_inputs_and_results_valid(name, monkeypatch):
 @pytest.mark.parametrize("name", ["fixed_point", "anderson"])
 def test_graphed_nested_solve_of_the_same_signature(name, monkeypatch):
     # A solve inside f with the signature of the outer one finds its state busy and solves without it.
-    from fedeq import solvers
+    from fedeq.deq.solvers import core as solvers
 
     outer, z0 = _nested_problem(name, inner_iter=8)
     z_ref, _ = solve(outer, z0, name, max_iter=8, tol=1e-30)

@@ -514,7 +514,7 @@ def _run_rounds_recording(overlap: bool, fail_at: int | None = None):  # type: i
     import random
     import threading
 
-    from fedeq.rounds import run_rounds
+    from fedeq.server.loop import run_rounds
 
     random.seed(0)  # the strategy samples its clients with Python's RNG
 

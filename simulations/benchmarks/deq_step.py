@@ -2,7 +2,7 @@
 
 All three columns run in one process, on the same ``f`` module with the same weights and data:
 
-- ``fedeq``: ``model(x, **settings)`` then ``loss.backward()`` through :class:`fedeq.deq.DEQ` (IFT hook).
+- ``fedeq``: ``model(x, **settings)`` then ``loss.backward()`` through :class:`fedeq.deq.layer.DEQ` (IFT hook).
 - ``torchdeq``: ``torchdeq.get_deq(core="indexing", ift=True, ...)`` wrapped around the same cell, with the
   same input injection and head before and after it.
 - ``limit``: the same number of plain ``f`` evaluations without gradient, one ``f`` with a graph, and the
@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedeq.data import load_dataset, to_tensors
-from fedeq.models import MLPDEQ, ConvDEQ
-from fedeq.training import evaluate, resolve_device, train_local
+from fedeq.data.core import load_dataset, to_tensors
+from fedeq.models.core import MLPDEQ, ConvDEQ
+from fedeq.train.local import evaluate, resolve_device, train_local
 
 Tensor = torch.Tensor
 

@@ -1,4 +1,4 @@
-"""Benchmark fedeq's Ray device engine (:class:`fedeq.ray_grid.RayGrid`), side by side with Flower's.
+"""Benchmark fedeq's Ray device engine (:class:`fedeq.engines.ray.grid.RayGrid`), side by side with Flower's.
 
 Every measurement runs in a fresh child process (the two engines never share a Ray instance, and peak
 memory belongs to one run); the parent prints the tables and writes ``--csv``. Sections:
@@ -222,8 +222,8 @@ def child_overhead_fedeq(spec: dict[str, Any]) -> dict[str, Any]:
 
     import ray
 
-    from fedeq.ray_engine import server_identity
-    from fedeq.ray_grid import RayGrid, start_ray
+    from fedeq.engines.ray.engine import server_identity
+    from fedeq.engines.ray.grid import RayGrid, start_ray
 
     t0 = time.perf_counter()
     start_ray(num_cpus=spec["actors"])
@@ -298,8 +298,8 @@ class _Probe:
         self.cpu_marks.setdefault(name, time.process_time())
 
     def install(self) -> None:
-        import fedeq.ray_engine as engine
-        import fedeq.server_app as server
+        import fedeq.engines.ray.engine as engine
+        import fedeq.server.app as server
 
         make_grid, share, evaluate = engine.make_grid, engine.share_partitions, server.evaluate
 
@@ -363,7 +363,7 @@ class _Probe:
 
 
 def _run_probed(cfg: Any, out: Path, spec: dict[str, Any]) -> _Probe:
-    from fedeq.ray_engine import run_ray_simulation
+    from fedeq.engines.ray.engine import run_ray_simulation
 
     probe = _Probe(spec.get("pipeline"), spec.get("share_partitions", True))
     probe.install()
@@ -374,7 +374,7 @@ def _run_probed(cfg: Any, out: Path, spec: dict[str, Any]) -> _Probe:
 def child_efficiency(spec: dict[str, Any]) -> dict[str, Any]:
     import pandas as pd
 
-    from fedeq.config import load_config
+    from fedeq.config.core import load_config
 
     out = Path(spec["out"])
     cfg = load_config(
@@ -449,8 +449,8 @@ def child_scale(spec: dict[str, Any]) -> dict[str, Any]:
     import ray  # noqa: F401
     import torch  # noqa: F401
 
-    from fedeq.config import load_config
-    from fedeq.ray_engine import run_ray_simulation  # noqa: F401
+    from fedeq.config.core import load_config
+    from fedeq.engines.ray.engine import run_ray_simulation  # noqa: F401
 
     t_imports = time.time()
     out = Path(spec["out"])
@@ -487,7 +487,7 @@ def child_scale(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _throughput_config(spec: dict[str, Any]) -> Any:
     """One tier (all clients alike, every client online) sharing the device: the throughput workload."""
-    from fedeq.config import load_config
+    from fedeq.config.core import load_config
 
     tier = {
         "name": "shared",
@@ -517,8 +517,8 @@ def _initial_model(cfg: Any) -> Any:
     """The configured model with the initial weights of ``cfg.seed`` (the same for every engine)."""
     import torch
 
-    from fedeq.data import load_dataset
-    from fedeq.models import build_model
+    from fedeq.data.core import load_dataset
+    from fedeq.models.core import build_model
 
     splits = load_dataset(cfg.data.name, cfg.data.path, cfg.data.test_path, cfg.data.test_fraction, cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -530,7 +530,7 @@ def _client_round_loop(grid: Any, cfg: Any) -> list[tuple[int, float]]:
     from flwr.app import ArrayRecord, ConfigRecord
     from flwr.serverapp.strategy import FedAvg
 
-    from fedeq.config import RUN_CONFIG_KEY, to_yaml
+    from fedeq.config.core import RUN_CONFIG_KEY, to_yaml
 
     arrays = ArrayRecord(_initial_model(cfg).state_dict())
     n = cfg.num_clients
@@ -553,7 +553,7 @@ def child_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     if engine == "fedeq":
         import ray
 
-        from fedeq.ray_engine import make_grid, server_identity, share_partitions
+        from fedeq.engines.ray.engine import make_grid, server_identity, share_partitions
 
         grid = make_grid(cfg)
         try:
@@ -603,8 +603,8 @@ def _sequential_loop(cfg: Any) -> list[tuple[int, float]]:
     import torch
 
     from clients.client_app import tier_deq_settings, train_options
-    from fedeq.data import load_client_data
-    from fedeq.training import evaluate, resolve_device, train_local
+    from fedeq.data.core import load_client_data
+    from fedeq.train.local import evaluate, resolve_device, train_local
 
     model = _initial_model(cfg)
     device = resolve_device(cfg.train.device)

@@ -1,13 +1,13 @@
 """GPU checks (run on a CUDA machine): solves and gradients against the CPU path, host syncs per solve, and
-the CUDA-graph bookkeeping (fedeq._graphs) against the eager path. Exits non-zero on a mismatch."""
+the CUDA-graph bookkeeping (fedeq.deq.solvers._graphs) against the eager path. Exits non-zero on a mismatch."""
 # ruff: noqa: B023, E402, E501, E731, B905  (a check script: closures are called inside their loop)
 
 import warnings
 
 import torch
 
-from fedeq.deq import DEQ
-from fedeq.solvers import solve
+from fedeq.deq.layer import DEQ
+from fedeq.deq.solvers.core import solve
 
 dev = torch.device("cuda")
 
@@ -81,8 +81,8 @@ for solver in ("anderson", "broyden"):
 
 import time
 
-from fedeq import solvers
-from fedeq._graphs import set_cuda_graphs
+from fedeq.deq.solvers import core as solvers
+from fedeq.deq.solvers._graphs import set_cuda_graphs
 
 print(
     "graphed vs eager on CUDA (float64 and float32): max|dz|, nfe equal, graphs, failed, syncs, ms graphed/eager"

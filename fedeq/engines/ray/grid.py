@@ -1,0 +1,511 @@
+"""fedeq's heterogeneous device engine: a ``flwr.serverapp.Grid`` backed by Ray actor pools.
+
+Each device tier gets its own pool of long-lived Ray actors with the tier's resource request
+(``num_cpus``, ``num_gpus`` share, ``memory``), so a GPU tier and CPU tiers run side by side and a tier's
+clients never take another tier's resources. An actor loads the ClientApp once and keeps what the app caches
+(datasets, partitions, model objects) across calls, so the cost of a call is the client's own work.
+
+Messages go to the pool of their node's tier; replies come back in the order of the messages sent, so
+aggregation is deterministic. While a pool has a backlog, each busy actor also holds its next call, so it
+starts it without a round trip through the driver. A call that runs past ``call_timeout_s`` wall-clock
+seconds is answered with an error reply and its actor is killed and replaced; a crashed actor is replaced
+too; calls queued behind either go back to the pool's queue. Data the driver prepares once (the partitions)
+reaches every actor through :meth:`RayGrid.set_actor_setup`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import uuid4
+
+import ray
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+_ACTOR_DIED = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)
+
+NODE_ID_OFFSET = 1_000_000
+"""Node ids are ``NODE_ID_OFFSET + partition id``: stable across runs, so a resumed run samples alike."""
+
+
+@ray.remote
+class ClientWorker:
+    """A long-lived process that runs the ClientApp for any node of its tier.
+
+    The run config is sent once, when the actor starts, not with every call.
+    """
+
+    def __init__(self, app_ref: str, num_threads: int, run_config: dict | None = None) -> None:
+        import importlib
+
+        import torch
+
+        torch.set_num_threads(max(1, num_threads))
+        module, _, attr = app_ref.partition(":")
+        self.app = getattr(importlib.import_module(module), attr)
+        self.run_config = dict(run_config or {})
+        self.states: dict[int, RecordDict] = {}
+        self.calls = 0
+        self.busy_s = 0.0
+        self.cpu_s = 0.0
+        self.first_call_s: float | None = None
+
+    def ready(self) -> bool:
+        return True
+
+    def setup(self, setup: tuple[Any, tuple]) -> Any:
+        """Run ``function(*args)`` of a picklable ``(function, args)`` pair in this process."""
+        function, args = setup
+        return function(*args)
+
+    def handle(self, message: Message, node_id: int, node_config: dict, run_id: int) -> Message:
+        t0, c0 = time.perf_counter(), time.process_time()
+        state = self.states.setdefault(node_id, RecordDict())
+        context = Context(
+            run_id=run_id, node_id=node_id, node_config=node_config, state=state, run_config=self.run_config
+        )
+        try:
+            return self.app(message, context)
+        except Exception as err:  # noqa: BLE001 - a client failure becomes an error reply
+            return Message(
+                Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}"), reply_to=message
+            )
+        finally:
+            elapsed = time.perf_counter() - t0
+            self.calls += 1
+            self.busy_s += elapsed
+            self.cpu_s += time.process_time() - c0
+            if self.first_call_s is None:
+                self.first_call_s = elapsed
+
+    def stats(self) -> dict[str, Any]:
+        """Calls served, wall and CPU seconds spent inside the ClientApp, this process's memory (bytes)."""
+        memory = {}
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith(("VmRSS:", "VmHWM:")):
+                        memory[line.split(":")[0]] = int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return {
+            "pid": os.getpid(),
+            "calls": self.calls,
+            "busy_s": self.busy_s,
+            "cpu_s": self.cpu_s,
+            "first_call_s": self.first_call_s,
+            "rss_bytes": memory.get("VmRSS"),
+            "peak_rss_bytes": memory.get("VmHWM"),
+        }
+
+
+@dataclass(eq=False)
+class _Call:
+    message: Message
+    pool: _TierPool
+    actor: Any = None
+    ref: Any = None
+    ready_ref: Any = None
+    """For a fresh actor: resolves when it has started; the call's time limit counts from then."""
+    started: float | None = None
+    """When the call began to run; ``None`` while it waits for its actor or for the call ahead of it."""
+
+    @property
+    def mid(self) -> str:
+        return self.message.metadata.message_id
+
+
+@dataclass
+class _TierPool:
+    name: str
+    options: dict[str, Any]
+    size: int
+    num_threads: int
+    actors: list[Any] = field(default_factory=list)
+    warm: set = field(default_factory=set)
+    idle: deque = field(default_factory=deque)
+    queue: deque = field(default_factory=deque)
+    lines: dict[Any, deque] = field(default_factory=dict)
+    """The calls sent to each actor, in the order it runs them (the first one is running)."""
+    replaced: int = 0
+
+
+def pool_sizes(tiers: Sequence[Any], total_cpus: float, actors_per_tier: int | None = None) -> list[int]:
+    """Actors per tier: ``actors_per_tier`` when given; else a GPU tier gets ``1 / num_gpus`` actors
+    (its clients share the GPU) and a CPU tier its share of ``total_cpus`` at ``num_cpus`` per actor, >= 1."""
+    sizes = []
+    for t in tiers:
+        if actors_per_tier is not None:
+            sizes.append(int(actors_per_tier))
+        elif t.num_gpus > 0:
+            sizes.append(max(1, int(round(1.0 / t.num_gpus))))
+        else:
+            share = float(t.share) if t.share else 1.0 / len(tiers)
+            sizes.append(max(1, int(total_cpus * share // max(t.num_cpus, 1e-9))))
+    return sizes
+
+
+class RayGrid(Grid):
+    """A Grid whose nodes are simulated devices served by per-tier Ray actor pools.
+
+    Args:
+        tiers: tier configs (name, num_cpus, num_gpus, memory_mb).
+        node_tiers: tier index of each partition (node ``i`` is partition ``i``).
+        run_config: the run config every ClientApp context receives.
+        app_ref: ``"module:attribute"`` of the ClientApp.
+        call_timeout_s: wall-clock limit of one client call (``None``: no limit).
+        actors_per_tier: pool size of every tier (default: derived from the cluster's CPUs).
+        sizes: explicit pool size per tier (overrides ``actors_per_tier``).
+        actor_setup: ``(function, args)`` that every actor runs once before its first call (see
+            :meth:`set_actor_setup`).
+        pipeline: calls sent ahead to a busy actor. With 2 (the default), while a pool has a backlog each
+            actor holds its next call in its own queue and starts it the moment the current one ends, with
+            no round trip through the driver; near the end of a round calls go only to free actors, so
+            the work stays balanced. 1: one call per actor at a time.
+    """
+
+    def __init__(
+        self,
+        tiers: Sequence[Any],
+        node_tiers: Sequence[int],
+        run_config: dict[str, Any] | None = None,
+        app_ref: str = "clients.client_app:app",
+        call_timeout_s: float | None = None,
+        actors_per_tier: int | None = None,
+        sizes: Sequence[int] | None = None,
+        run_id: int = 1,
+        actor_setup: tuple[Any, tuple] | None = None,
+        pipeline: int = 2,
+    ) -> None:
+        if not ray.is_initialized():
+            raise RuntimeError("RayGrid needs a running Ray: call fedeq.engines.ray.grid.start_ray() first")
+        self.tiers = list(tiers)
+        self.tier_names = [str(t.name) for t in self.tiers]
+        self.node_tiers = list(node_tiers)
+        self.num_nodes = len(self.node_tiers)
+        self.run_config = dict(run_config or {})
+        self.app_ref = app_ref
+        self.call_timeout_s = call_timeout_s
+        self.pipeline = max(1, int(pipeline))
+        self._run = Run.create_empty(run_id)
+        self._setup: Any = None
+        if sizes is None:
+            total_cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+            sizes = pool_sizes(self.tiers, total_cpus, actors_per_tier)
+        self.pools = []
+        for tier, size in zip(self.tiers, sizes, strict=True):
+            options: dict[str, Any] = {"num_cpus": float(tier.num_cpus), "num_gpus": float(tier.num_gpus)}
+            memory_mb = getattr(tier, "memory_mb", None)
+            if memory_mb:
+                options["memory"] = int(memory_mb * 2**20)
+            self.pools.append(_TierPool(tier.name, options, size, max(1, int(math.ceil(tier.num_cpus)))))
+        if actor_setup is not None:
+            self.set_actor_setup(*actor_setup)
+        self.pending: dict[str, _Call] = {}
+        self.done: dict[str, Message] = {}
+
+    # ------------------------------------------------------------------ Grid interface
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return [NODE_ID_OFFSET + i for i in range(self.num_nodes)]
+
+    def node_config(self, node_id: int) -> dict[str, Any]:
+        """The node config a node's ClientApp sees: partition id, number of partitions, tier name."""
+        pid = self.partition_of(node_id)
+        return {
+            "partition-id": pid,
+            "num-partitions": self.num_nodes,
+            "tier": self.tier_names[self.node_tiers[pid]],
+        }
+
+    def partition_of(self, node_id: int) -> int:
+        pid = int(node_id) - NODE_ID_OFFSET
+        if not 0 <= pid < self.num_nodes:
+            raise ValueError(f"unknown node id {node_id}")
+        return pid
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            pool = self.pools[self.node_tiers[self.partition_of(msg.metadata.dst_node_id)]]
+            call = _Call(msg, pool)
+            self.pending[msg.metadata.message_id] = call
+            pool.queue.append(call)
+            ids.append(msg.metadata.message_id)
+        self._dispatch()
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        self._progress(0.0)
+        return [self.done.pop(mid) for mid in message_ids if mid in self.done]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        ids = self.push_messages(messages)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while any(mid in self.pending for mid in ids):
+            wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+            self._progress(wait)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        # Replies that did not arrive in time are abandoned; an actor still running one is replaced (a call
+        # queued behind others runs later and its reply is dropped).
+        abandoned = [call for mid in ids if (call := self.pending.pop(mid, None)) is not None]
+        for call in abandoned:
+            line = call.pool.lines.get(call.actor)
+            if call.ref is not None and line and line[0] is call:
+                self._replace(call)
+        return [self.done.pop(mid) for mid in ids if mid in self.done]
+
+    # ------------------------------------------------------------------ pools
+
+    def set_actor_setup(self, function: Any, args: tuple) -> None:
+        """Have every actor, running or started later, call ``function(*args)`` before its next call.
+
+        Both must be picklable; ``args`` go through Ray's object store once, however many actors there are.
+        Use it to hand the actors data the driver prepared (e.g. the partitions), so that they need not
+        compute it themselves. An actor whose setup raises goes on serving calls.
+        """
+        self._setup = ray.put((function, tuple(args)))
+        for pool in self.pools:
+            for actor in pool.actors:
+                actor.setup.remote(self._setup)
+
+    def _new_actor(self, pool: _TierPool) -> Any:
+        actor = ClientWorker.options(**pool.options).remote(self.app_ref, pool.num_threads, self.run_config)
+        if self._setup is not None:
+            actor.setup.remote(self._setup)
+        return actor
+
+    def _dispatch(self) -> None:
+        for pool in self.pools:
+            while pool.queue and (pool.idle or len(pool.actors) < pool.size):
+                call = pool.queue.popleft()
+                if call.mid not in self.pending:  # abandoned before it was sent
+                    continue
+                if not pool.idle:
+                    actor = self._new_actor(pool)
+                    pool.actors.append(actor)
+                    pool.idle.append(actor)
+                self._submit(call, pool.idle.popleft())
+            # Every actor is busy. While the backlog is at least one call per actor, send each actor its
+            # next call now: it waits in the actor's queue and starts as soon as the current one ends.
+            for depth in range(1, self.pipeline):
+                for actor in list(pool.actors):
+                    while pool.queue and pool.queue[0].mid not in self.pending:
+                        pool.queue.popleft()
+                    if len(pool.queue) < len(pool.actors):
+                        break
+                    if len(pool.lines.get(actor, ())) == depth:
+                        self._submit(pool.queue.popleft(), actor)
+
+    def _submit(self, call: _Call, actor: Any) -> None:
+        pool = call.pool
+        line = pool.lines.setdefault(actor, deque())
+        node = int(call.message.metadata.dst_node_id)
+        call.actor, call.ready_ref, call.started = actor, None, None
+        if not line:  # it runs at once (calls queued behind others start when those are done)
+            if actor in pool.warm:
+                call.started = time.monotonic()
+            else:  # actor calls run in order: `ready` returns when the actor can take the call
+                call.ready_ref = actor.ready.remote()
+        call.ref = actor.handle.remote(call.message, node, self.node_config(node), self._run.run_id)
+        line.append(call)
+
+    def _progress(self, wait_s: float) -> None:
+        """Collect finished calls (waiting up to ``wait_s``), enforce the per-call limit, refill pools."""
+        running = {
+            c.ref: c for pool in self.pools for line in pool.lines.values() for c in line if c.ref is not None
+        }
+        starting = {c.ready_ref: c for c in running.values() if c.ready_ref is not None}
+        if starting:
+            up, _ = ray.wait(list(starting), num_returns=len(starting), timeout=0)
+            for ref in up:
+                call = starting.pop(ref)
+                call.ready_ref, call.started = None, time.monotonic()
+                call.pool.warm.add(call.actor)
+        if running:
+            timeout = wait_s
+            timed = [c.started for c in running.values() if c.started is not None]
+            if self.call_timeout_s is not None and timed:
+                first_expiry = min(timed) + self.call_timeout_s
+                timeout = max(0.0, min(wait_s, first_expiry - time.monotonic()))
+            if starting:
+                timeout = min(timeout, 0.05)
+            refs = list(running)
+            ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+            if ready:  # take every call that has finished by now, not just the first
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            # An actor runs its calls in order: take each actor's finished calls front to back.
+            finished = sorted((running[ref] for ref in ready), key=self._place_in_line)
+            for call in finished:
+                if call.ref is None:  # sent back to the queue when its actor was retired in this pass
+                    continue
+                try:
+                    reply = ray.get(call.ref)
+                except _ACTOR_DIED as err:
+                    self._actor_died(call, err)
+                    continue
+                self._next_in_line(call)
+                self._finish(call, reply)
+            if self.call_timeout_s is not None:
+                now = time.monotonic()
+                for call in running.values():
+                    if call.ref is None or call.started is None:
+                        continue
+                    if now - call.started > self.call_timeout_s:
+                        reason = f"timeout: no reply within call_timeout_s={self.call_timeout_s:g}"
+                        self._replace(call)
+                        self._finish(
+                            call, Message(Error(ErrorCode.CLIENT_APP_CRASHED, reason), reply_to=call.message)
+                        )
+        self._dispatch()
+
+    def _actor_died(self, call: _Call, err: Exception) -> None:
+        """``call``'s actor died. It ran its calls in order: those ahead of ``call`` may have finished; the
+        first one that did not was running and fails; the ones after it never ran and go back to the queue."""
+        line = list(call.pool.lines.get(call.actor, ())) or [call]
+        culprit = call
+        for ahead in line:
+            if ahead is call or ahead.ref is None:
+                break
+            if ray.wait([ahead.ref], num_returns=1, timeout=5.0)[0]:
+                try:
+                    reply = ray.get(ahead.ref)
+                except _ACTOR_DIED:
+                    pass
+                else:  # it finished before the actor died
+                    self._next_in_line(ahead)
+                    self._finish(ahead, reply)
+                    continue
+            culprit = ahead
+            break
+        self._replace(culprit, kill=False)
+        self._finish(
+            culprit,
+            Message(Error(ErrorCode.CLIENT_APP_CRASHED, f"actor died: {err}"), reply_to=culprit.message),
+        )
+
+    @staticmethod
+    def _place_in_line(call: _Call) -> int:
+        line = call.pool.lines.get(call.actor, ())
+        return line.index(call) if call in line else 0
+
+    def _next_in_line(self, call: _Call) -> None:
+        """``call`` ended on its actor: the next call queued there starts now, or the actor is free."""
+        pool, actor = call.pool, call.actor
+        line = pool.lines.get(actor)
+        if line is not None and call in line:
+            line.remove(call)
+        pool.warm.add(actor)
+        if line:
+            nxt = line[0]
+            if nxt.started is None and nxt.ref is not None:
+                nxt.started = time.monotonic()
+        elif actor in pool.actors:
+            pool.idle.append(actor)
+
+    def _finish(self, call: _Call, reply: Message) -> None:
+        if self.pending.pop(call.mid, None) is not None:
+            self.done[call.mid] = reply
+        call.ref = None
+
+    def _replace(self, call: _Call, kill: bool = True) -> None:
+        """Retire ``call``'s actor (killing it if still alive) and let the pool start a fresh one.
+
+        Calls queued behind ``call`` on that actor never ran: they go back to the front of the pool's queue.
+        """
+        pool, actor = call.pool, call.actor
+        call.ref = call.ready_ref = None
+        if actor not in pool.actors:  # already retired
+            return
+        if kill:
+            ray.kill(actor, no_restart=True)
+        pool.actors.remove(actor)
+        pool.warm.discard(actor)
+        line = pool.lines.pop(actor, deque())
+        for other in reversed([c for c in line if c is not call and c.mid in self.pending]):
+            other.actor = other.ref = other.ready_ref = other.started = None
+            pool.queue.appendleft(other)
+        pool.replaced += 1
+
+    def warm_up(self, wait: bool = True) -> None:
+        """Start every pool's actors now (they import torch and the app), so round 1 is not slower.
+
+        With ``wait=False`` the actors start in the background while the driver goes on (call
+        :meth:`wait_ready` later); a call sent to an actor that is still starting waits for it, and its time
+        limit counts from when the actor is up.
+        """
+        for pool in self.pools:
+            while len(pool.actors) < pool.size:
+                actor = self._new_actor(pool)
+                pool.actors.append(actor)
+                pool.idle.append(actor)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Wait until every started actor has loaded the app and run its setup."""
+        starting = [(pool, a) for pool in self.pools for a in pool.actors if a not in pool.warm]
+        ray.get([actor.ready.remote() for _, actor in starting])
+        for pool, actor in starting:
+            pool.warm.add(actor)
+
+    def actor_stats(self) -> list[dict[str, Any]]:
+        """:meth:`ClientWorker.stats` of every live actor, with its tier (waits for running calls)."""
+        names = [(pool.name, actor) for pool in self.pools for actor in pool.actors]
+        stats = ray.get([actor.stats.remote() for _, actor in names])
+        return [{"tier": name, **st} for (name, _), st in zip(names, stats, strict=True)]
+
+    def shutdown(self) -> None:
+        for pool in self.pools:
+            for actor in pool.actors:
+                ray.kill(actor, no_restart=True)
+            pool.actors.clear()
+            pool.idle.clear()
+            pool.lines.clear()
+
+
+def start_ray(address: str | None = None, num_cpus: float | None = None, quiet: bool = True) -> None:
+    """Connect to the Ray cluster at ``address``, or start a local one (no dashboard).
+
+    Locally the logical CPU count is at least what the tiers' pools ask for, so every pool can hold its
+    actors (several per physical core, each with its own thread budget).
+    """
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": not quiet,
+        "configure_logging": False,
+    }
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)

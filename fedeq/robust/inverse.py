@@ -1,0 +1,119 @@
+"""Inverse problems on images with a generative (decoder) DEQ, solved over its latent code.
+
+The decoder maps a code ``c ∈ R^k`` to an image through an equilibrium::
+
+    z* = tanh(W z* + U c + b)    (||W||₂ = γ < 1),        x̂(c) = σ(V z* + d).
+
+It is trained as the decoder of an autoencoder (linear encoder ``c = E x``) on clean images. Inpainting /
+denoising of an observation ``y = M ⊙ (x + σ·n)`` (``M`` a 0/1 mask of observed pixels) is then the input
+problem over the code::
+
+    min_c  ℓ(z*, c) = ½ ||M ⊙ (σ(V z* + d) - y)||² + ½ μ ||c||²,    z* = f(z*, c),
+
+which :func:`fedeq.robust.jiio.jiio` solves jointly with the equilibrium and
+:func:`fedeq.robust.jiio.naive_input_optimization` solves with a full DEQ solve per gradient step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedeq.models.core import MLPDEQ
+from fedeq.models.parts import DEQParts, deq_parts
+from fedeq.robust.jiio import InputProblem
+from fedeq.train.optim import Adam
+
+Tensor = torch.Tensor
+
+__all__ = ["DEQDecoder", "inpainting_problem", "make_observation", "train_decoder"]
+
+
+class DEQDecoder(nn.Module):
+    """``c ↦ x̂ = σ(V z* + d)`` with ``z* = tanh(W z* + U c + b)`` (an :class:`~fedeq.models.core.MLPDEQ` core)."""
+
+    def __init__(
+        self,
+        code_dim: int,
+        out_shape: tuple[int, ...],
+        hidden: int = 64,
+        contraction: float = 0.8,
+        **deq_settings: Any,
+    ) -> None:
+        super().__init__()
+        self.out_shape = tuple(out_shape)
+        self.core = MLPDEQ(code_dim, math.prod(self.out_shape), hidden, contraction, **deq_settings)
+
+    def forward(self, c: Tensor, **deq_overrides: Any) -> Tensor:
+        logits = self.core(c, **deq_overrides).logits
+        return torch.sigmoid(logits).reshape(c.shape[0], *self.out_shape)
+
+    def parts(self) -> DEQParts:
+        """The equilibrium map over the code; ``readout`` returns images (not logits)."""
+        p = deq_parts(self.core)
+        head = p.readout
+        shape = self.out_shape
+        return DEQParts(
+            inject=p.inject,
+            cell=p.cell,
+            readout=lambda z: torch.sigmoid(head(z)).reshape(z.shape[0], *shape),
+            z0=p.z0,
+            settings=p.settings,
+        )
+
+
+def train_decoder(
+    x: Tensor,
+    code_dim: int = 16,
+    hidden: int = 64,
+    epochs: int = 30,
+    lr: float = 3e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    **deq_settings: Any,
+) -> tuple[DEQDecoder, nn.Linear]:
+    """Train ``decoder(E x) ≈ x`` (binary cross-entropy on pixels in [0, 1]); returns (decoder, encoder E)."""
+    torch.manual_seed(seed)
+    n = x.shape[0]
+    flat = x.reshape(n, -1)
+    enc = nn.Linear(flat.shape[1], code_dim)
+    dec = DEQDecoder(code_dim, tuple(x.shape[1:]), hidden=hidden, **deq_settings)
+    opt = Adam([*enc.parameters(), *dec.parameters()], lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    dec.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch_size):
+            xb = x[order[i : i + batch_size]]
+            xh = dec(enc(xb.reshape(xb.shape[0], -1)))
+            loss = F.binary_cross_entropy(xh.clamp(1e-6, 1 - 1e-6), xb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    dec.eval()
+    return dec, enc
+
+
+def make_observation(
+    x: Tensor, missing: float = 0.5, noise: float = 0.1, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """``(y, M)``: a random mask keeping ``1 - missing`` of the pixels and Gaussian noise of std ``noise``."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(x.shape, generator=gen) >= missing).to(x.dtype)
+    y = mask * (x + noise * torch.randn(x.shape, generator=gen, dtype=x.dtype))
+    return y, mask
+
+
+def inpainting_problem(decoder: DEQDecoder, y: Tensor, mask: Tensor, mu: float = 1e-2) -> InputProblem:
+    """The code-space input problem ``½||M ⊙ (x̂(c) - y)||² + ½μ||c||²`` (module docstring)."""
+    p = decoder.parts()
+
+    def objective(z: Tensor, c: Tensor) -> Tensor:
+        r = mask * (p.readout(z) - y)
+        return 0.5 * r.flatten(1).pow(2).sum(dim=1) + 0.5 * mu * c.pow(2).sum(dim=1)
+
+    return InputProblem(p.f, objective, lambda c: p.z0(p.inject(c)))
