@@ -29,6 +29,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp.strategy import FedAvg
 
+from fedeq.registry import QUALITY
 from fedeq.arrays import from_numpy, to_numpy
 
 from .guard import ReplyGuard, records_of
@@ -97,6 +98,7 @@ def register_quality(
         if name in QUALITY_FUNCTIONS and not overwrite:
             raise ValueError(f"quality function {name!r} is already registered (pass overwrite=True)")
         QUALITY_FUNCTIONS[name] = fn
+        QUALITY.register(name, fn) if name not in QUALITY else None
         QUALITY_REQUIREMENTS[name] = tuple(requires)
         return fn
 
