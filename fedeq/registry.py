@@ -87,7 +87,7 @@ class Registry(Generic[T]):
         def add(item: T) -> T:
             with self._lock:
                 old = self._items.get(name)
-                if old is not None and old is not item and _qualname(old) != _qualname(item):
+                if old is not None and old is not item and not _same_definition(old, item):
                     raise ValueError(f"{self.kind} {name!r} is already registered ({_qualname(old)})")
                 self._items[name] = item
             return item
@@ -132,6 +132,13 @@ class Registry(Generic[T]):
 
 def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+
+
+def _same_definition(old: Any, new: Any) -> bool:
+    """True for the same function or class defined again (a module imported a second time)."""
+    if not (hasattr(old, "__qualname__") and hasattr(new, "__qualname__")):
+        return False
+    return _qualname(old) == _qualname(new)
 
 
 SOLVERS: Registry[Any] = Registry("solver", home="fedeq.deq.solvers")

@@ -19,7 +19,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from fedeq.config.core import load_config
+from fedeq.config import load_config
 from fedeq.engines.simulate import simulate
 
 DEFAULT_STRATEGIES = (

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedeq.config.core import load_config
+from fedeq.config import load_config
 from fedeq.engines.simulate import simulate
 
 MODELS = {"mlp_deq": ["model.name=mlp_deq"], "explicit": ["model.name=explicit"]}

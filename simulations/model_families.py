@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedeq.config.core import ModelConfig
-from fedeq.data.core import DatasetSplits, load_dataset, to_tensors
-from fedeq.models.core import build_model, num_parameters
-from fedeq.train.local import evaluate, train_local
+from fedeq.config import ModelConfig
+from fedeq.data import DatasetSplits, load_dataset, to_tensors
+from fedeq.models import build_model, num_parameters
+from fedeq.train import evaluate, train_local
 
 FAMILIES = ("mlp_deq", "mondeq", "conv_mondeq", "tied", "tied_sparse", "lyadeq")
 #: The "laptop" tier of the default config: what central runs train and evaluate with.
@@ -378,7 +378,7 @@ def fed_overrides(data_name: str, name: str, rounds: int, out: Path, hidden: int
 
 
 def cmd_federated(ns: argparse.Namespace) -> None:
-    from fedeq.config.core import load_config
+    from fedeq.config import load_config
     from fedeq.engines.simulate import simulate
 
     for data_name in ns.data:

@@ -1,6 +1,6 @@
 """Clean and PGD accuracy of DEQs trained plainly, with PGD-AT, and with the dynamics regulations.
 
-Central rows train one :class:`~fedeq.models.core.MLPDEQ` per method with :func:`fedeq.train.local.train_local`;
+Central rows train one :class:`~fedeq.models.MLPDEQ` per method with :func:`fedeq.train.train_local`;
 federated rows run ``fedeq simulate`` (Flower simulation, heterogeneous device tiers, each client attacking
 through its own tier's solver budgets) and evaluate the saved global model. All rows are evaluated on the
 same held-out test split with the same attacks: L∞ PGD (random start) through the DEQ's exact implicit
@@ -39,12 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fedeq.config.core import load_config  # noqa: E402
-from fedeq.data.core import load_dataset, to_tensors  # noqa: E402
-from fedeq.models.core import build_model  # noqa: E402
-from fedeq.robust.attacks import AttackConfig, robust_accuracy  # noqa: E402
-from fedeq.train.adversarial import AdversarialConfig, EntropyDefense, entropy_predictor  # noqa: E402
-from fedeq.train.local import train_local  # noqa: E402
+from fedeq.config import load_config  # noqa: E402
+from fedeq.data import load_dataset, to_tensors  # noqa: E402
+from fedeq.models import build_model  # noqa: E402
+from fedeq.robust import AttackConfig, robust_accuracy  # noqa: E402
+from fedeq.train import AdversarialConfig, EntropyDefense, entropy_predictor, train_local  # noqa: E402
 
 
 def _attacks(args: argparse.Namespace) -> dict[str, tuple[AttackConfig, dict[str, Any]]]:
@@ -151,7 +150,7 @@ def central(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def federated(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from clients.client_app import tier_deq_settings
+    from fedeq.devices.settings import tier_deq_settings
     from fedeq.engines.simulate import simulate
     from fedeq.server.app import reference_tier
 

@@ -1,30 +1,33 @@
-"""Server-side strategies for fedeq: reply guard, quality-weighted FedAvg and a strategy registry."""
+"""Server-side strategies for fedeq: the reply guard (a wrapper), quality-weighted FedAvg, quality
+functions and the strategy registry."""
 
-from .guard import ReplyGuard, array_layout
-from .quality import (
-    QUALITY_FUNCTIONS,
-    QUALITY_REQUIREMENTS,
-    QualityContext,
-    QualityFn,
-    QualityWeightedFedAvg,
-    register_quality,
-    tier_metrics,
-    weighted_average,
+from .aggregate import tier_metrics, weighted_average
+from .guard import ReplyCheck, ReplyGuard
+from .quality import QualityContext, QualityFn, QualityFunction, quality_function, register_quality
+from .quality_weighted import QualityWeightedFedAvg
+from .registry import (
+    GUARD_PARAMETERS,
+    STRATEGIES,
+    accepted_parameters,
+    build_strategy,
+    resolve_strategy_class,
 )
-from .registry import STRATEGIES, accepted_parameters, build_strategy, guarded_class, resolve_strategy_class
+from .validation import array_layout, records_of
 
 __all__ = [
-    "QUALITY_FUNCTIONS",
-    "QUALITY_REQUIREMENTS",
+    "GUARD_PARAMETERS",
     "STRATEGIES",
     "QualityContext",
     "QualityFn",
+    "QualityFunction",
     "QualityWeightedFedAvg",
+    "ReplyCheck",
     "ReplyGuard",
     "accepted_parameters",
     "array_layout",
     "build_strategy",
-    "guarded_class",
+    "quality_function",
+    "records_of",
     "register_quality",
     "resolve_strategy_class",
     "tier_metrics",

@@ -1,169 +1,109 @@
-"""Reply validation mixin for Flower Message-API strategies.
+"""``ReplyGuard(strategy)``: validate client replies before any Flower strategy aggregates them.
 
-``ReplyGuard`` sits in front of any :class:`flwr.serverapp.strategy.Strategy` (FedAvg and its
-subclasses, FedMedian, Krum, FedAdam, ...) and filters client replies before they reach the
-strategy's own aggregation.  A reply ``m_i`` is aggregated only if
+The guard wraps a :class:`flwr.serverapp.strategy.Strategy` instance (FedAvg and its subclasses,
+FedMedian, Krum, FedAdam, a plug-in, ...), delegates configuration and aggregation to it, and hands it
+only the replies that pass. A reply is aggregated only if
 
 * it carries content (no :class:`flwr.app.Error`),
 * it holds exactly one ``ArrayRecord`` whose keys, shapes and dtypes equal those of the
   current global model and whose values are all finite (train replies only),
 * it holds exactly one ``MetricRecord`` with every required key, finite values, a positive
-  scalar weight ``n_i`` (the strategy's ``weighted_by_key``) and the round's majority key set.
+  scalar weight ``n_i`` (the inner strategy's ``weighted_by_key``) and the round's majority key set,
+* every extra :data:`ReplyCheck` accepts its metrics (train replies only).
 
-Rejected replies are logged, counted and recorded, never averaged.  When no reply survives,
-``aggregate_train`` returns ``(None, None)``; ``Strategy.start`` then keeps the global model.
+Rejected replies are logged, counted and recorded, never averaged. When no reply survives,
+``aggregate_train`` returns ``(None, None)``; the server then keeps the global model.
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO, WARNING
-from typing import Any, TypeVar
+from typing import Any
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
-from fedeq.arrays import from_numpy, to_numpy
+from .validation import (
+    ArrayLayout,
+    array_layout,
+    cast_to_layout,
+    is_finite_metric,
+    layout_mismatch,
+    metric_values,
+    non_finite_array,
+    records_of,
+)
 
-__all__ = ["ArrayLayout", "ReplyGuard", "array_layout", "records_of"]
-
-#: ``key -> (shape, dtype)`` of every array in an ``ArrayRecord``.
-ArrayLayout = dict[str, tuple[tuple[int, ...], str]]
-
-_Record = TypeVar("_Record", ArrayRecord, MetricRecord, ConfigRecord)
+__all__ = ["ReplyCheck", "ReplyGuard"]
 
 _STATUSES = ("ok", "rejected", "failed")
 """Always counted; ``offline`` and ``dropped`` appear in the counts only when they occur."""
-
-
-def array_layout(arrays: ArrayRecord) -> ArrayLayout:
-    """Return ``{key: (shape, dtype)}`` of ``arrays`` without decoding the data."""
-    return {key: (tuple(int(s) for s in arr.shape), str(arr.dtype)) for key, arr in arrays.items()}
-
-
-def records_of(content: RecordDict, kind: type[_Record]) -> list[_Record]:
-    """The records of type ``kind`` in ``content``, in order.
-
-    Same as ``list(content.array_records.values())`` (or ``metric_records``, ``config_records``) without
-    the type-checked copy of the dict that those properties build on every access.
-    """
-    return [record for record in content.values() if isinstance(record, kind)]
-
-
-def _metric_values(record: MetricRecord) -> dict[str, Any]:
-    """Plain-dict copy of a MetricRecord (lists are copied)."""
-    return {k: (list(v) if isinstance(v, list) else v) for k, v in record.items()}
-
-
-def _is_finite_metric(value: Any) -> bool:
-    if isinstance(value, list):
-        return all(_is_finite_metric(v) for v in value)
-    return isinstance(value, int | float) and math.isfinite(value)
-
-
-def _layout_mismatch(layout: ArrayLayout, reference: ArrayLayout) -> str | None:
-    """Describe the first difference between two layouts, or ``None`` if equal."""
-    missing = sorted(set(reference) - set(layout))
-    extra = sorted(set(layout) - set(reference))
-    if missing or extra:
-        return f"array keys differ from the global model (missing={missing}, unexpected={extra})"
-    for key, (shape, dtype) in reference.items():
-        got_shape, got_dtype = layout[key]
-        if got_shape != shape:
-            return f"array {key!r} has shape {got_shape}, global model has {shape}"
-        if got_dtype != dtype:
-            return f"array {key!r} has dtype {got_dtype}, global model has {dtype}"
-    return None
-
-
-def _non_finite_array(arrays: ArrayRecord) -> str | None:
-    """Describe the first array holding NaN/Inf (or failing to decode), else ``None``."""
-    for key, arr in arrays.items():
-        try:
-            values = to_numpy(arr)
-        except Exception as err:  # noqa: BLE001 - any decoding failure rejects the reply
-            return f"array {key!r} cannot be decoded: {err}"
-        if values.dtype.kind in "fc" and not np.isfinite(values).all():
-            n_nan = int(np.isnan(values).sum())
-            n_inf = int(np.isinf(values).sum())
-            return f"array {key!r} is not finite ({n_nan} NaN, {n_inf} Inf)"
-    return None
-
-
-def _cast_to_layout(arrays: ArrayRecord, reference: ArrayLayout) -> ArrayRecord:
-    """Cast aggregated arrays back to the global model's dtypes (integers are rounded).
-
-    Weighted averaging promotes integer buffers (e.g. BatchNorm counters) to float64; keeping
-    the global dtypes stable is what lets the next round's dtype check accept honest clients.
-    """
-    if set(arrays.keys()) != set(reference):
-        return arrays
-    changed = False
-    out: dict[str, Array] = {}
-    for key, arr in arrays.items():
-        dtype = np.dtype(reference[key][1])
-        if str(arr.dtype) == reference[key][1]:
-            out[key] = arr
-            continue
-        values = to_numpy(arr)
-        if dtype.kind in "iub" and values.dtype.kind in "fc":
-            values = np.rint(values.real)
-        out[key] = from_numpy(np.asarray(values.astype(dtype)))
-        changed = True
-    return ArrayRecord(out) if changed else arrays
-
 
 ReplyCheck = Callable[[Mapping[str, Any]], "tuple[str, str] | None"]
 """An extra acceptance test of a valid train reply's metrics: ``None`` to accept, or ``(status, reason)``
 with status ``"rejected"`` or ``"dropped"`` (e.g. a simulated deadline)."""
 
 
-class ReplyGuard:
-    """Mixin that validates replies before the wrapped strategy aggregates them.
+class ReplyGuard(Strategy):
+    """A strategy that filters replies and lets ``strategy`` aggregate the valid ones.
 
-    Use it first in the bases, e.g. ``class GuardedFedAvg(ReplyGuard, FedAvg)``.
+    Parameters
+    ----------
+    strategy : Strategy
+        The wrapped strategy. It may declare ``required_metrics`` (metric keys its aggregation reads);
+        train replies without them are rejected.
+    required_metrics : Iterable[str], optional
+        Keys every train reply's MetricRecord must contain (default: ``("num-examples",)``). The inner
+        strategy's ``weighted_by_key`` is always required as well.
+    required_eval_metrics : Iterable[str], optional
+        Keys every evaluate reply's MetricRecord must contain (default: ``("num-examples",)``).
 
     Attributes
     ----------
-    required_metrics : tuple[str, ...]
-        Keys every train reply's MetricRecord must contain (the strategy's
-        ``weighted_by_key`` is always required as well).
-    required_eval_metrics : tuple[str, ...]
-        Keys every evaluate reply's MetricRecord must contain.
     client_log : list[dict]
         One entry per train reply: ``round, node_id, status, reason`` and the reply's metrics.
     round_counts : dict[int, dict[str, int]]
         ``{round: {"ok": n, "rejected": n, "failed": n}}`` for train replies.
     eval_client_log, eval_round_counts
         The same for evaluate replies.
+    reply_checks : list[ReplyCheck]
+        Extra tests of valid train replies, applied in order.
     """
-
-    required_metrics: tuple[str, ...] = ("num-examples",)
-    required_eval_metrics: tuple[str, ...] = ("num-examples",)
 
     def __init__(
         self,
-        *args: Any,
+        strategy: Strategy,
+        *,
         required_metrics: Iterable[str] | None = None,
         required_eval_metrics: Iterable[str] | None = None,
-        **kwargs: Any,
     ) -> None:
-        if required_metrics is not None:
-            self.required_metrics = tuple(required_metrics)
-        if required_eval_metrics is not None:
-            self.required_eval_metrics = tuple(required_eval_metrics)
+        if not isinstance(strategy, Strategy):
+            raise TypeError(f"ReplyGuard wraps a flwr Strategy instance, got {strategy!r}")
+        self.strategy = strategy
+        default = ("num-examples",)
+        self.required_metrics = default if required_metrics is None else tuple(required_metrics)
+        self.required_eval_metrics = (
+            default if required_eval_metrics is None else tuple(required_eval_metrics)
+        )
         self.client_log: list[dict[str, Any]] = []
         self.round_counts: dict[int, dict[str, int]] = {}
         self.eval_client_log: list[dict[str, Any]] = []
         self.eval_round_counts: dict[int, dict[str, int]] = {}
         self.global_layout: ArrayLayout | None = None
         self.reply_checks: list[ReplyCheck] = []
-        super().__init__(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"ReplyGuard({self.strategy!r})"
+
+    def summary(self) -> None:
+        """Log the guard's requirements, then the wrapped strategy's summary."""
+        log(INFO, "\t├──> Reply guard: required train metrics %s", list(self.required_keys(train=True)))
+        self.strategy.summary()
 
     # ------------------------------------------------------------------ configuration
 
@@ -174,16 +114,22 @@ class ReplyGuard:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Capture the global model layout, then delegate to the wrapped strategy."""
+        """Capture the global model layout, then let the wrapped strategy configure the round."""
         self.set_global_arrays(arrays)
-        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The wrapped strategy's evaluation round."""
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     # ------------------------------------------------------------------ aggregation
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Drop invalid replies; aggregate the rest with the wrapped strategy.
+        """Drop invalid replies; aggregate the rest with the wrapped strategy (global dtypes kept).
 
         Returns ``(None, None)`` when every reply is rejected or failed.
         """
@@ -191,16 +137,10 @@ class ReplyGuard:
         if not valid:
             log(WARNING, "ReplyGuard: round %s has no valid train reply; global model kept", server_round)
             return None, None
-        arrays, metrics = self.aggregate_valid_train(server_round, valid)
+        arrays, metrics = self.strategy.aggregate_train(server_round, valid)
         if arrays is not None and self.global_layout is not None:
-            arrays = _cast_to_layout(arrays, self.global_layout)
+            arrays = cast_to_layout(arrays, self.global_layout)
         return arrays, metrics
-
-    def aggregate_valid_train(
-        self, server_round: int, replies: list[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate already validated train replies (default: the wrapped strategy)."""
-        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Drop failed/invalid evaluate replies; aggregate the rest with the wrapped strategy."""
@@ -210,16 +150,21 @@ class ReplyGuard:
             if replies:
                 log(WARNING, "ReplyGuard: round %s has no valid evaluate reply", server_round)
             return None
-        return super().aggregate_evaluate(server_round, valid)  # type: ignore[misc]
+        return self.strategy.aggregate_evaluate(server_round, valid)
 
     # ------------------------------------------------------------------ validation
 
     def _weight_key(self) -> str | None:
-        key = getattr(self, "weighted_by_key", None)
+        key = getattr(self.strategy, "weighted_by_key", None)
         return key if isinstance(key, str) else None
 
-    def _required(self, train: bool) -> tuple[str, ...]:
-        keys = list(self.required_metrics if train else self.required_eval_metrics)
+    def required_keys(self, *, train: bool) -> tuple[str, ...]:
+        """Metric keys a train (or evaluate) reply must hold: the guard's, the wrapped strategy's
+        declared ``required_metrics`` (train only) and its ``weighted_by_key``."""
+        if train:
+            keys = [*self.required_metrics, *getattr(self.strategy, "required_metrics", ())]
+        else:
+            keys = list(self.required_eval_metrics)
         weight_key = self._weight_key()
         if weight_key is not None:
             keys.append(weight_key)
@@ -237,14 +182,14 @@ class ReplyGuard:
         metric_records = records_of(content, MetricRecord)
         if len(metric_records) != 1:
             return "rejected", f"expected exactly one MetricRecord, got {len(metric_records)}", {}
-        metrics = _metric_values(metric_records[0])
+        metrics = metric_values(metric_records[0])
         array_records = records_of(content, ArrayRecord)
         if train and len(array_records) != 1:
             return "rejected", f"expected exactly one ArrayRecord, got {len(array_records)}", metrics
-        missing = [k for k in self._required(train) if k not in metrics]
+        missing = [k for k in self.required_keys(train=train) if k not in metrics]
         if missing:
             return "rejected", f"missing required metric(s) {missing}", metrics
-        bad = sorted(k for k, v in metrics.items() if not _is_finite_metric(v))
+        bad = sorted(k for k, v in metrics.items() if not is_finite_metric(v))
         if bad:
             return "rejected", f"non-finite metric(s) {bad}", metrics
         weight_key = self._weight_key()
@@ -280,7 +225,7 @@ class ReplyGuard:
                 status, reason = "rejected", f"metric keys differ from the round's majority: {diff}"
             if status == "ok" and train:
                 assert reference is not None
-                reason = _layout_mismatch(layouts[id(msg)], reference) or _non_finite_array(
+                reason = layout_mismatch(layouts[id(msg)], reference) or non_finite_array(
                     records_of(msg.content, ArrayRecord)[0]
                 )
                 status = "rejected" if reason else "ok"

@@ -1,4 +1,4 @@
-"""Strategy registry: built-in names, ``package.module:ClassName`` plug-ins, guarded construction."""
+"""Strategy registry: built-in names, ``package.module:ClassName`` plug-ins, construction behind a guard."""
 
 from __future__ import annotations
 
@@ -24,9 +24,15 @@ from flwr.serverapp.strategy import (
 )
 
 from .guard import ReplyGuard
-from .quality import QualityWeightedFedAvg
+from .quality_weighted import QualityWeightedFedAvg
 
-__all__ = ["STRATEGIES", "accepted_parameters", "build_strategy", "guarded_class", "resolve_strategy_class"]
+__all__ = [
+    "GUARD_PARAMETERS",
+    "STRATEGIES",
+    "accepted_parameters",
+    "build_strategy",
+    "resolve_strategy_class",
+]
 
 #: Built-in strategy names.
 STRATEGIES: dict[str, type] = {
@@ -50,7 +56,8 @@ _BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "qfedavg": {"train_loss_key": "train-loss"},
 }
 
-_GUARDED: dict[type, type] = {}
+GUARD_PARAMETERS = ("required_metrics", "required_eval_metrics")
+"""``strategy.kwargs`` keys that configure the :class:`ReplyGuard` rather than the wrapped strategy."""
 
 
 def _allowed() -> str:
@@ -86,15 +93,6 @@ def resolve_strategy_class(name: str) -> type:
     return obj
 
 
-def guarded_class(cls: type) -> type:
-    """``cls`` itself if it already includes :class:`ReplyGuard`, else ``Guarded<cls>(ReplyGuard, cls)``."""
-    if issubclass(cls, ReplyGuard):
-        return cls
-    if cls not in _GUARDED:
-        _GUARDED[cls] = type(f"Guarded{cls.__name__}", (ReplyGuard, cls), {})
-    return _GUARDED[cls]
-
-
 def accepted_parameters(cls: type) -> tuple[dict[str, inspect.Parameter], bool]:
     """Keyword parameters of ``cls(...)`` and whether the set is closed (no open ``**kwargs``).
 
@@ -125,25 +123,26 @@ def accepted_parameters(cls: type) -> tuple[dict[str, inspect.Parameter], bool]:
     return params, True
 
 
-def build_strategy(name: str, kwargs: Mapping[str, Any] | None = None, **defaults: Any) -> Strategy:
-    """Instantiate strategy ``name`` with :class:`ReplyGuard` mixed in.
+def build_strategy(name: str, kwargs: Mapping[str, Any] | None = None, **defaults: Any) -> ReplyGuard:
+    """Instantiate strategy ``name`` and wrap it in a :class:`ReplyGuard`.
 
     ``kwargs`` (user settings, ``strategy.kwargs``) override ``defaults`` (e.g. ``fraction_train``);
-    defaults the constructor does not accept are dropped, user kwargs it does not accept raise
+    :data:`GUARD_PARAMETERS` among them go to the guard, the rest to the strategy. Defaults the
+    strategy's constructor does not accept are dropped; user kwargs that neither accepts raise
     ``ValueError`` naming ``strategy.kwargs.<key>`` and the accepted parameters.
     """
     cls = resolve_strategy_class(name)
-    guarded = guarded_class(cls)
-    params, closed = accepted_parameters(guarded)
+    params, closed = accepted_parameters(cls)
     user = dict(kwargs or {})
     for key in user:
         if not isinstance(key, str):
             raise ValueError(f"strategy.kwargs keys must be strings, got {key!r}")
-        if closed and key not in params:
+        if closed and key not in params and key not in GUARD_PARAMETERS:
             raise ValueError(
                 f"strategy.kwargs.{key} is not accepted by {cls.__name__} (strategy.name={name!r}); "
-                f"accepted parameters: {sorted(params)}"
+                f"accepted parameters: {sorted({*params, *GUARD_PARAMETERS})}"
             )
+    guard_kwargs = {key: user.pop(key) for key in GUARD_PARAMETERS if key in user}
     merged: dict[str, Any] = {}
     base_defaults = {**_BUILTIN_DEFAULTS.get(name.strip().lower(), {}), **defaults}
     for key, value in base_defaults.items():
@@ -159,7 +158,6 @@ def build_strategy(name: str, kwargs: Mapping[str, Any] | None = None, **default
             f"missing: {missing}"
         )
     try:
-        strategy = guarded(**merged)
+        return ReplyGuard(cls(**merged), **guard_kwargs)
     except (TypeError, ValueError) as err:
         raise ValueError(f"invalid strategy.kwargs for strategy.name={name!r}: {err}") from err
-    return strategy

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fedeq.config import core as fconfig
-from fedeq.config.core import ConfigError, load_config
-from fedeq.data.core import load_dataset
-from fedeq.models.core import MLPDEQ, ExplicitMLP
+from fedeq.config import AdversarialMode, AttackNorm, ConfigError, load_config
+from fedeq.data import load_dataset
+from fedeq.models import MLPDEQ, ExplicitMLP
 from fedeq.models.parts import entropy
-from fedeq.robust.attacks import (
+from fedeq.robust import (
     NORMS,
     AttackConfig,
     fgsm,
@@ -24,15 +24,15 @@ from fedeq.robust.attacks import (
     project,
     robust_accuracy,
 )
-from fedeq.train.adversarial import (
+from fedeq.train import (
     ADVERSARIAL_MODES,
     AdversarialConfig,
     EntropyDefense,
     adversarial_from_config,
     adversarial_step,
     entropy_reduced_inputs,
+    train_local,
 )
-from fedeq.train.local import train_local
 
 ROOT = Path(__file__).resolve().parents[1]
 DEQ = {"solver": "anderson", "f_max_iter": 10, "b_max_iter": 10, "tol": 1e-5}
@@ -260,8 +260,8 @@ def test_entropy_reduction_lowers_entropy_within_radius(trained, digits) -> None
 
 
 def test_config_keys_and_mapping() -> None:
-    assert fconfig.ADVERSARIAL_MODES == ADVERSARIAL_MODES
-    assert fconfig.ATTACK_NORMS == NORMS
+    assert get_args(AdversarialMode) == ADVERSARIAL_MODES
+    assert get_args(AttackNorm) == NORMS
     assert adversarial_from_config(load_config().train) is None
     cfg = load_config(
         None,

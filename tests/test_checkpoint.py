@@ -12,7 +12,7 @@ import torch
 from flwr.app import Context, Message, RecordDict
 
 import clients.client_app as client_app
-from fedeq.config.core import load_config
+from fedeq.config import load_config
 from fedeq.engines.ray.grid import NODE_ID_OFFSET
 from fedeq.results.checkpoint import CHECKPOINT_FILE, JOURNAL_FILE, Journal, load_checkpoint
 from fedeq.server.app import run_server
@@ -192,3 +192,40 @@ def test_resume_of_a_damaged_checkpoint_exits_2_and_changes_nothing(tmp_path, da
     assert len(lines) == 1 and lines[0].startswith("fedeq: error: --resume: "), res.stderr
     assert problem in lines[0] and "allowed: checkpoint.pkl and checkpoint.journal" in lines[0]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+# ------------------------------------------------------------------------------------ wrapped strategies
+
+
+def test_wrapped_strategy_state_is_nested_and_restored_in_place():
+    from flwr.serverapp.strategy import FedAdam
+
+    from fedeq.results.checkpoint import restore_strategy, snapshot_strategy, strategy_state
+    from strategies import ReplyGuard
+
+    def guard() -> ReplyGuard:
+        return ReplyGuard(FedAdam(eta=0.5))
+
+    saved = guard()
+    saved.round_counts[1] = {"ok": 2, "rejected": 0, "failed": 0}
+    saved.client_log.append({"round": 1})
+    saved.reply_checks.append(lambda metrics: None)
+    saved.strategy.current_arrays = {"w": [1.0, 2.0]}  # what FedAdam keeps between rounds
+    state = strategy_state(saved)
+    assert "client_log" not in state and "reply_checks" not in state  # journaled / transient
+    assert state["strategy"]["current_arrays"] == {"w": [1.0, 2.0]} and state["strategy"]["eta"] == 0.5
+
+    fresh = guard()
+    inner = fresh.strategy
+    restore_strategy(fresh, snapshot_strategy(saved))
+    assert fresh.strategy is inner  # restored in place: whoever holds the inner strategy sees the state
+    assert inner.current_arrays == {"w": [1.0, 2.0]}
+    assert fresh.round_counts == {1: {"ok": 2, "rejected": 0, "failed": 0}}
+
+    # a snapshot of the strategy class the guard used to be mixed into: one flat dict
+    flat = {**vars(saved.strategy), "round_counts": {3: {"ok": 1}}, "global_layout": None}
+    flat["current_arrays"] = {"w": [3.0]}
+    old = guard()
+    restore_strategy(old, pickle.dumps(flat))
+    assert old.strategy.current_arrays == {"w": [3.0]} and old.round_counts == {3: {"ok": 1}}
+    assert "current_arrays" not in vars(old)

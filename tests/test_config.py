@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
-from omegaconf import OmegaConf
 
-from fedeq.config.core import (
-    BACKWARDS,
-    DATA_NAMES,
-    ENGINES,
-    MODEL_NAMES,
+from fedeq.config import (
     RUN_CONFIG_KEY,
-    SOLVERS,
     ConfigError,
     FedeqConfig,
-    assign_tiers,
     config_from_run_config,
     config_from_yaml,
     default_config,
@@ -28,12 +24,14 @@ from fedeq.config.core import (
     to_yaml,
     validate,
 )
+from fedeq.devices.assign import assign_tiers
+from fedeq.registry import BACKWARDS, DATASETS, ENGINES, MODELS, SOLVERS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "simulations" / "configs"
 
 
 def _container(cfg: FedeqConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return cfg.model_dump()
 
 
 def _expect_error(overrides: list[str], key: str, *fragments: str) -> ConfigError:
@@ -193,19 +191,19 @@ def test_f_max_iter_must_be_positive() -> None:
 
 
 def test_unknown_data_name() -> None:
-    _expect_error(["data.name=cifar10"], "data.name", *DATA_NAMES)
+    _expect_error(["data.name=cifar10"], "data.name", *DATASETS.names())
 
 
 def test_unknown_model_name() -> None:
-    _expect_error(["model.name=resnet"], "model.name", *MODEL_NAMES)
+    _expect_error(["model.name=resnet"], "model.name", *MODELS.names())
 
 
 def test_unknown_solver() -> None:
-    _expect_error(["devices.tiers.2.solver=newton"], "devices.tiers[2].solver", *SOLVERS)
+    _expect_error(["devices.tiers.2.solver=newton"], "devices.tiers[2].solver", *SOLVERS.names())
 
 
 def test_unknown_backward() -> None:
-    _expect_error(["devices.tiers.0.backward=magic"], "devices.tiers[0].backward", *BACKWARDS)
+    _expect_error(["devices.tiers.0.backward=magic"], "devices.tiers[0].backward", *BACKWARDS.names())
 
 
 def test_broyden_reuse_requires_broyden() -> None:
@@ -215,7 +213,7 @@ def test_broyden_reuse_requires_broyden() -> None:
 
 
 def test_bad_engine() -> None:
-    _expect_error(["engine=spark"], "engine", *ENGINES)
+    _expect_error(["engine=spark"], "engine", *ENGINES.names())
 
 
 def test_npz_requires_path() -> None:
@@ -372,3 +370,90 @@ def test_local_ray_cluster_gets_whole_cpus_for_fractional_tiers():
     assert sizes == [1, 1, 1, 2]  # 0.25 of the clients at 0.25 CPU an actor: two actors on 2 CPUs
     need = sum(n * float(t.num_cpus) for n, t in zip(sizes, cfg.devices.tiers, strict=True))
     assert isinstance(cpus, int) and need <= cpus < need + 1
+
+
+# ------------------------------------------------------------------------------------------------
+# registries and plugins
+# ------------------------------------------------------------------------------------------------
+
+
+def test_backward_class_declares_its_solver() -> None:
+    class NeedsAnderson:
+        requires_solver = "anderson"
+
+    BACKWARDS.register("needs_anderson", NeedsAnderson)
+    try:
+        err = _expect_error(["devices.tiers.0.backward=needs_anderson"], "devices.tiers[0].backward")
+        assert "needs_anderson requires solver anderson (solver is fixed_point)" in str(err)
+        assert "or set solver=anderson" in str(err)
+        cfg = load_config(None, ["devices.tiers.1.backward=needs_anderson"])  # phone uses anderson
+        assert cfg.devices.tiers[1].backward == "needs_anderson"
+    finally:
+        BACKWARDS.unregister("needs_anderson")
+
+
+def _write_plugin(path: Path, name: str) -> Path:
+    path.write_text(
+        f"from fedeq.registry import MODELS\n\nMODELS.register({name!r}, MODELS.get('mlp_deq'))\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_plugin_file_registers_a_model_name(tmp_path: Path) -> None:
+    _expect_error(["model.name=plugin_mlp"], "model.name", "mlp_deq")
+    plugin = _write_plugin(tmp_path / "my_models.py", "plugin_mlp")
+    try:
+        cfg = load_config(None, [f"plugins=[{plugin}]", "model.name=plugin_mlp"])
+        assert cfg.model.name == "plugin_mlp" and cfg.plugins == [str(plugin)]
+    finally:
+        MODELS.unregister("plugin_mlp")
+
+
+def test_relative_plugin_path_is_stored_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write_plugin(tmp_path / "relative_models.py", "relative_mlp")
+    monkeypatch.chdir(tmp_path)
+    try:
+        cfg = load_config(None, ["plugins=[relative_models.py]", "model.name=relative_mlp"])
+    finally:
+        MODELS.unregister("relative_mlp")
+    assert cfg.plugins == [str(tmp_path / "relative_models.py")]
+
+
+@pytest.mark.parametrize("spec", ["no_such_plugin_module_xyz", "missing_dir/missing_plugin.py"])
+def test_plugin_that_cannot_be_imported(spec: str) -> None:
+    err = _expect_error(
+        ["plugins=[fedeq.registry, " + spec + "]"],
+        "plugins[1]",
+        "cannot import plugin (",
+        "allowed: an importable module name or an existing .py file",
+        repr(spec),
+    )
+    assert err.got == spec
+
+
+def test_plugins_survive_the_run_config_round_trip_into_a_new_process(tmp_path: Path) -> None:
+    plugin = _write_plugin(tmp_path / "remote_models.py", "remote_mlp")
+    try:
+        cfg = load_config(None, [f"plugins=[{plugin}]", "model.name=remote_mlp"])
+        run_config = to_run_config(cfg)
+        assert _container(config_from_run_config(run_config)) == _container(cfg)
+    finally:
+        MODELS.unregister("remote_mlp")
+    # a worker process knows nothing of the plugin until the config names it
+    script = (
+        "import json, sys\n"
+        "from fedeq.config import config_from_run_config\n"
+        "cfg = config_from_run_config(json.loads(sys.stdin.read()))\n"
+        "print(cfg.model.name, cfg.plugins[0])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        input=json.dumps(run_config),
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["remote_mlp", str(plugin)]

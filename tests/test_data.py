@@ -8,9 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from fedeq.data.core import (
+import fedeq.data as data
+from fedeq.data import (
     ClientData,
+    DatasetSource,
     DatasetSplits,
+    LabelledImages,
+    PartitionScheme,
+    PartitionTask,
     batches,
     load_client_data,
     load_dataset,
@@ -19,6 +24,7 @@ from fedeq.data.core import (
     partition_sizes,
     to_tensors,
 )
+from fedeq.registry import DATASETS, PARTITIONERS
 
 
 @dataclass
@@ -101,6 +107,43 @@ def test_unknown_dataset_name() -> None:
         ValueError, match=r"data.name: unknown dataset 'cifar'; allowed: digits, mnist5k, npz"
     ):
         load_dataset("cifar")
+
+
+def test_registered_dataset_is_loaded_by_name() -> None:
+    """A source registered in DATASETS is split, cached and listed like a built-in."""
+
+    class Stripes(DatasetSource):
+        calls = 0
+
+        def load(self, path: str | None, test_path: str | None) -> LabelledImages:
+            Stripes.calls += 1
+            assert path is None and test_path is None  # a source that reads no files is given no paths
+            y = np.arange(48, dtype=np.int64) % 4
+            x = np.zeros((48, 1, 2, 3), dtype=np.float32)
+            x[:, 0, 0, 0] = y
+            return LabelledImages(x, y)
+
+    class NeedsFile(Stripes):
+        reads_path = True
+
+    DATASETS.register("test_stripes", Stripes)
+    DATASETS.register("test_needs_file", NeedsFile)
+    try:
+        ds = load_dataset("Test_Stripes", path="/ignored.npz", test_fraction=0.25, seed=1)
+        assert ds.name == "test_stripes" and ds.num_classes == 4 and ds.input_shape == (1, 2, 3)
+        assert np.bincount(ds.y_test).tolist() == [3, 3, 3, 3]  # stratified 25 %
+        assert np.array_equal(ds.x_train[:, 0, 0, 0], ds.y_train)  # examples keep their labels
+        assert not ds.x_train.flags.writeable
+        assert load_dataset("test_stripes", test_fraction=0.25, seed=1) is ds and Stripes.calls == 1
+        with pytest.raises(ValueError, match=r"allowed: digits, mnist5k, npz, test_stripes, test_needs_file"):
+            load_dataset("cifar")
+        with pytest.raises(ValueError, match="data.path: required for dataset 'test_needs_file'"):
+            load_dataset("test_needs_file")
+    finally:
+        DATASETS.unregister("test_stripes")
+        DATASETS.unregister("test_needs_file")
+    with pytest.raises(ValueError, match="unknown dataset 'test_stripes'; allowed: digits, mnist5k, npz$"):
+        load_dataset("test_stripes", test_fraction=0.25, seed=1)
 
 
 def test_npz_round_trip_with_and_without_test_file(tmp_path) -> None:
@@ -228,6 +271,40 @@ def test_partition_errors(digits: DatasetSplits) -> None:
         partition_indices(digits.y_train, 4, "shards", labels_per_client=11)
 
 
+def test_registered_partitioner_is_used_by_name(digits: DatasetSplits) -> None:
+    """A scheme registered in PARTITIONERS gets the seeded rows and the options, and serves clients."""
+    tasks: list[PartitionTask] = []
+
+    class ByParity(PartitionScheme):
+        def split(self, task: PartitionTask) -> list[np.ndarray]:
+            tasks.append(task)
+            return [np.sort(task.order[task.labels % 2 == r]) for r in range(task.num_partitions)]
+
+    PARTITIONERS.register("test_parity", ByParity)
+    try:
+        y = digits.y_train
+        parts = partition_indices(
+            y, 2, " Test_Parity", alpha=0.7, labels_per_client=3, seed=3, min_partition_size=5
+        )
+        assert [sorted(set(y[p] % 2)) for p in parts] == [[0], [1]]
+        assert sorted(np.concatenate(parts).tolist()) == list(range(len(y)))
+        task = tasks[-1]
+        assert (task.num_partitions, task.seed, task.alpha, task.labels_per_client) == (2, 3, 0.7, 3)
+        assert task.min_partition_size == 5
+        assert np.array_equal(task.order, np.random.default_rng(3).permutation(len(y)))
+        assert np.array_equal(task.labels, y[task.order])
+        sizes = partition_sizes(DataCfg(partition="test_parity"), 2, 0)
+        assert sizes == [int((y % 2 == 0).sum()), int((y % 2 == 1).sum())]
+        with pytest.raises(
+            ValueError, match=r"unknown scheme 'feature'; allowed: iid, dirichlet, shards, test_parity"
+        ):
+            partition_indices(y, 2, "feature")
+    finally:
+        PARTITIONERS.unregister("test_parity")
+    with pytest.raises(ValueError, match=r"unknown scheme 'test_parity'; allowed: iid, dirichlet, shards$"):
+        partition_indices(digits.y_train, 2, "test_parity")
+
+
 def test_partition_dataset_is_cached() -> None:
     a = partition_dataset("digits", None, None, 0.2, 5, "dirichlet", alpha=0.3, seed=0)
     b = partition_dataset("digits", None, None, 0.2, 5, "dirichlet", alpha=0.3, seed=0)
@@ -289,8 +366,6 @@ def test_client_data_small_partition_and_omegaconf() -> None:
 
 def test_installed_dataset_and_partitions_are_used(digits: DatasetSplits) -> None:
     """A worker given the driver's dataset and partitions uses them instead of loading its own."""
-    from fedeq.data import core as data
-
     cfg = DataCfg(name="npz", path="/nonexistent/data.npz", partition="iid", val_fraction=0.25)
     rng = np.random.default_rng(0)
     x = rng.random((20, 1, 2, 2), dtype=np.float32)
@@ -310,8 +385,7 @@ def test_installed_dataset_and_partitions_are_used(digits: DatasetSplits) -> Non
         with pytest.raises(TypeError, match="DatasetSplits"):
             data.install_partitions(cfg, 4, 7, parts, (x, y))
     finally:
-        data._INSTALLED_DATASETS.clear()
-        data._INSTALLED_PARTITIONS.clear()
+        data.uninstall_partitions()
     assert load_dataset("digits") is digits
 
 
@@ -325,7 +399,7 @@ def test_workers_do_not_import_heavy_modules() -> None:
 import sys
 import numpy as np
 import clients.client_app
-from fedeq.data import core as data
+import fedeq.data as data
 from types import SimpleNamespace
 cfg = SimpleNamespace(name="npz", path="/nonexistent.npz", test_path=None, test_fraction=0.2,
                       partition="dirichlet", alpha=0.5, labels_per_client=2, val_fraction=0.2)

@@ -23,7 +23,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from fedeq.cli.main import main
-from fedeq.config.core import load_config
+from fedeq.config import load_config
+from fedeq.engines.deploy import (
+    CONNECTION_NAME,
+    LocalDeployment,
+    flwr_env,
+    node_config_arg,
+    node_tiers,
+    supernode_argv,
+)
 from fedeq.engines.deploy.certs import (
     NodeKeys,
     check_layout,
@@ -32,16 +40,8 @@ from fedeq.engines.deploy.certs import (
     load_public_key_openssh,
     server_names,
 )
-from fedeq.engines.deploy.launcher import (
-    CONNECTION_NAME,
-    LocalDeployment,
-    _flwr,
-    flwr_env,
-    node_config_arg,
-    node_tiers,
-    supernode_argv,
-)
-from fedeq.engines.deploy.processes import ProcessRegistry, descendants, pid_alive
+from fedeq.engines.deploy.processes import ProcessRegistry, descendants, kill_tree, pid_alive
+from fedeq.engines.deploy.superlink import flwr_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "simulations" / "configs" / "quick.yaml"
@@ -283,10 +283,10 @@ def test_clients_without_the_ca_certificate_cannot_connect(
         f'[superlink]\ndefault = "{CONNECTION_NAME}"\n\n[superlink.{CONNECTION_NAME}]\n'
         f'address = "{deployment.superlink_address}"\n'
     )
-    rc, out = _flwr(["ls", CONNECTION_NAME], env, timeout=60)
+    rc, out = flwr_cli(["ls", CONNECTION_NAME], env, timeout=60)
     assert rc != 0, out
     # ... while it can with the CA certificate.
-    rc, out = _flwr(["ls", CONNECTION_NAME], deployment.cli_env, timeout=60)
+    rc, out = flwr_cli(["ls", CONNECTION_NAME], deployment.cli_env, timeout=60)
     assert rc == 0, out
 
 
@@ -380,6 +380,31 @@ def test_registry_stops_a_process_tree_also_on_failure(tmp_path: Path) -> None:
     assert not proc.alive()
     assert [k for k in kids if pid_alive(k)] == []
     assert "tree" not in (tmp_path / "pids.json").read_text()
+
+
+def test_kill_tree_kills_a_child_and_its_grandchild() -> None:
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    script = (
+        f"import subprocess, sys, time; g = subprocess.Popen({sleeper!r}); "
+        "print(g.pid, flush=True); time.sleep(60)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        grandchild = int(child.stdout.readline())
+        assert descendants(child.pid) == [grandchild]
+        assert pid_alive(child.pid) and pid_alive(grandchild)
+        assert kill_tree(child.pid) == [child.pid, grandchild]
+        child.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while pid_alive(grandchild) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pid_alive(child.pid)
+        assert not pid_alive(grandchild)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

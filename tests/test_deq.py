@@ -1,11 +1,16 @@
 """Implicit layer: gradients against finite differences, unrolled autograd and TorchDEQ; options."""
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from torch import nn
 
+from fedeq.deq.backward import Backward, BroydenReuse, required_solver
 from fedeq.deq.layer import DEQ, DEQSettings
 from fedeq.deq.regularizers import jacobian_frobenius, spectral_norm_estimate
+from fedeq.deq.solvers import Solver
+from fedeq.registry import BACKWARDS, SOLVERS
 
 D = 12
 B = 5
@@ -273,3 +278,83 @@ def test_broyden_reuse_with_residual_basis_factors():
     z = out.z.detach()
     (ref,) = torch.autograd.grad(cell(z, x), [x], adj)
     torch.testing.assert_close(gx, ref, rtol=1e-8, atol=1e-10)
+
+
+# --- Solvers and backward modes from the registries ---------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Damped(Solver):
+    """``z ← (1 - a) z + a f(z)``: a solver registered from a test."""
+
+    a: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.a <= 1.0:
+            raise ValueError(f"a must be in (0, 1] (got {self.a!r})")
+
+    def step(self, state, k, z, fz, track, last):
+        return None if last else torch.lerp(z, fz, self.a)
+
+
+class _JFBOnFixedPoint(Backward):
+    """A backward mode that declares the forward solver it needs (JFB's gradient, counted as one VJP)."""
+
+    requires_solver = "fixed_point"
+
+    def attach(self, step, z_in, fz, forward, settings, stats):
+        stats.nfe, stats.ready = 1, True
+        return fz, 1
+
+
+@pytest.fixture
+def registered():
+    SOLVERS.register("damped", _Damped)
+    BACKWARDS.register("jfb_fp", _JFBOnFixedPoint)
+    yield
+    SOLVERS.unregister("damped")
+    BACKWARDS.unregister("jfb_fp")
+
+
+def test_registered_solver_runs_a_deq_forward_and_backward(registered):
+    x, c = _data()
+    deq = DEQ(Cell(), solver="damped", f_max_iter=300, b_max_iter=300, tol=1e-13, stop_mode="abs")
+    assert deq.settings.backward_solver == "damped"  # the adjoint uses the same solver by default
+    gw, gx, out = _grads(deq, x, c)
+    assert out.forward.converged.all() and out.backward.ready
+    ref_w, ref_x = _unrolled_grads(Cell(), x, c)
+    torch.testing.assert_close(gw, ref_w, rtol=1e-5, atol=1e-9)
+    # Its options are checked like the built-ins' (names at construction, values by the solver object).
+    with pytest.raises(ValueError, match=r"solver_options: unknown option\(s\) \['m'\]"):
+        DEQ(Cell(), solver="damped", solver_options={"m": 3})
+    with pytest.raises(ValueError, match="solver_options: a must be in"):
+        DEQ(Cell(), solver="damped", solver_options={"a": 0.0})
+    out = DEQ(Cell(), solver="damped", f_max_iter=7, solver_options={"a": 0.9})(x, torch.zeros_like(x))
+    assert (out.forward.nfe == 7).all()
+    with pytest.raises(ValueError, match="solver must be one of fixed_point, anderson, broyden, damped"):
+        DEQ(Cell(), solver="newton")
+
+
+def test_requires_solver_rule_is_read_from_the_backward_class(registered):
+    assert required_solver("broyden_reuse") == BroydenReuse.requires_solver == "broyden"
+    assert [required_solver(n) for n in ("ift", "phantom", "jfb")] == [None, None, None]
+    assert required_solver("jfb_fp") == "fixed_point"
+    with pytest.raises(ValueError, match="backward must be one of ift, phantom, jfb, broyden_reuse, jfb_fp"):
+        required_solver("implicit")
+    with pytest.raises(
+        ValueError, match="backward 'jfb_fp' needs solver 'fixed_point' \\(got solver 'anderson'\\)"
+    ):
+        DEQSettings(backward="jfb_fp", solver="anderson").validate()
+    with pytest.raises(
+        ValueError, match="allowed backward modes for other solvers: ift, phantom, jfb, jfb_fp$"
+    ):
+        DEQSettings(backward="broyden_reuse", solver="fixed_point").validate()
+    # With the solver it needs, the mode's own attach runs.
+    x, c = _data()
+    _, _, out = _grads(DEQ(Cell(), solver="fixed_point", backward="jfb_fp"), x, c)
+    assert out.backward.ready and out.backward.nfe == 1 and out.graph_evals == 1
+    out = DEQ(Cell(), solver="anderson")(x, torch.zeros_like(x), solver="fixed_point", backward="jfb_fp")
+    assert out.backward.mode == "jfb_fp"
+    with pytest.raises(ValueError, match="needs solver 'fixed_point'"):
+        DEQ(Cell(), solver="fixed_point", backward="jfb_fp")(x, torch.zeros_like(x), solver="broyden")

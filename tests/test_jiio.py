@@ -6,11 +6,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedeq.models.core import MLPDEQ, ExplicitMLP
+from fedeq.models import MLPDEQ, ExplicitMLP
 from fedeq.models.parts import deq_parts
-from fedeq.robust.attacks import AttackConfig, pgd, run_attack
-from fedeq.robust.inverse import DEQDecoder, inpainting_problem, make_observation
-from fedeq.robust.jiio import InputProblem, jiio, naive_input_optimization, solve_objective, stationarity
+from fedeq.robust import (
+    AttackConfig,
+    DEQDecoder,
+    InputProblem,
+    inpainting_problem,
+    jiio,
+    make_observation,
+    naive_input_optimization,
+    pgd,
+    run_attack,
+    solve_objective,
+    stationarity,
+)
 
 TOL = 1e-6
 

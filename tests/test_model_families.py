@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedeq.config.core import ConfigError, load_config
-from fedeq.data.core import load_dataset
-from fedeq.deq.solvers.core import solve
-from fedeq.models.core import build_model, num_parameters
+from fedeq.config import ConfigError, load_config
+from fedeq.data import load_dataset
+from fedeq.deq import solve
+from fedeq.models import build_model, num_parameters
 from fedeq.models.lyadeq import LyaDEQ
 from fedeq.models.mondeq import (
     ConvMonDEQ,
@@ -25,7 +25,7 @@ from fedeq.models.mondeq import (
     splitting_map,
 )
 from fedeq.models.tied import TiedMLP, make_masks
-from fedeq.train.local import train_local
+from fedeq.train import train_local
 
 FAMILIES = ("mondeq", "conv_mondeq", "tied", "tied_sparse", "lyadeq")
 

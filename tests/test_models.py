@@ -6,8 +6,9 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from fedeq.models.core import MLPDEQ, MODELS, ConvDEQ, build_model, num_parameters
-from fedeq.train.local import accuracy_vs_budget, evaluate, train_local
+from fedeq.models import MLPDEQ, ConvDEQ, ModelOutput, build_model, num_parameters, register_model
+from fedeq.registry import MODELS
+from fedeq.train import accuracy_vs_budget, evaluate, train_local
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
@@ -35,6 +36,47 @@ def test_registry_builds_trainable_models(name):
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="model.name must be one of mlp_deq, conv_deq, explicit"):
         build_model("resnet", (1, 8, 8), 10)
+
+
+def test_registered_model_family_is_built_by_name():
+    """A factory registered with ``register_model`` is built by ``build_model``, config and budgets passed."""
+    seen = {}
+
+    class Linear(torch.nn.Module):
+        def __init__(self, in_features: int, num_classes: int) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(in_features, num_classes)
+
+        def forward(self, x: torch.Tensor, **_: object) -> ModelOutput:
+            return ModelOutput(self.fc(x.flatten(1)))
+
+    @register_model("test_linear")
+    def build_linear(input_shape, num_classes, cfg, deq_settings):
+        seen.update(shape=input_shape, cfg=cfg, deq=deq_settings)
+        return Linear(input_shape[0] * input_shape[1] * input_shape[2], num_classes)
+
+    cfg = object()
+    try:
+        assert "test_linear" in MODELS and MODELS.get("test_linear") is build_linear
+        model = build_model("test_linear", [1, 8, 8], 3, cfg, f_max_iter=7)
+        assert isinstance(model, Linear) and num_parameters(model) == 64 * 3 + 3
+        assert seen == {"shape": (1, 8, 8), "cfg": cfg, "deq": {"f_max_iter": 7}}
+        assert model(torch.randn(2, 1, 8, 8)).logits.shape == (2, 3)
+        with pytest.raises(ValueError, match=r"model.name must be one of mlp_deq, .*lyadeq, test_linear"):
+            build_model("resnet", (1, 8, 8), 10)
+    finally:
+        MODELS.unregister("test_linear")
+    with pytest.raises(ValueError, match="model.name must be one of"):
+        build_model("test_linear", (1, 8, 8), 3)
+
+
+def test_unknown_model_name_lists_every_built_in_family():
+    with pytest.raises(ValueError) as err:
+        build_model("resnet", (1, 8, 8), 10)
+    assert str(err.value) == (
+        "model.name must be one of mlp_deq, conv_deq, explicit, mondeq, conv_mondeq, tied, tied_sparse, "
+        "lyadeq (got 'resnet')"
+    )
 
 
 def test_mlp_deq_weight_is_a_contraction():
@@ -98,7 +140,7 @@ def test_fedprox_term_pulls_towards_start():
 
 
 def test_move_to_skips_a_model_already_on_the_device(monkeypatch):
-    from fedeq.train.local import move_to
+    from fedeq.train import move_to
 
     calls = []
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.GroupNorm(1, 2))

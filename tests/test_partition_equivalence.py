@@ -1,4 +1,4 @@
-"""The fast partitioning path of ``fedeq.data.core`` gives exactly the partitions of the original path.
+"""The fast partitioning path of ``fedeq.data.partition`` gives exactly the partitions of the original path.
 
 The original path (kept below as ``reference_partition_indices``, the code of ``fedeq/data.py`` before the
 fast path) loads every partition with Flower Datasets' ``load_partition`` and, for Dirichlet, lets
@@ -21,8 +21,8 @@ from flwr_datasets.partitioner import (
     PathologicalPartitioner,
 )
 
-import fedeq.data.core as fdata
-from fedeq.data.core import partition_indices
+from fedeq.data import partition_indices
+from fedeq.data.partition import dirichlet, flower
 
 # --------------------------------------------------------------------------------------------------------
 # The original implementation (fedeq/data.py before the fast path), kept verbatim in substance
@@ -206,7 +206,7 @@ def test_dirichlet_replay_predicts_flower_attempts() -> None:
             for seed in range(4):
                 order = np.random.default_rng(seed).permutation(labels.shape[0])
                 partition_labels = labels[order]
-                fit, first_sizes = fdata._dirichlet_first_fit(
+                fit, first_sizes = dirichlet.dirichlet_first_fit(
                     partition_labels, num_partitions, alpha, seed, min_size
                 )
                 assert fit == _flower_failed_attempts(partition_labels, num_partitions, alpha, seed, min_size)
@@ -252,7 +252,7 @@ def test_non_contiguous_labels_identical() -> None:
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet", "shards"])
 def test_slow_fallback_identical(monkeypatch: pytest.MonkeyPatch, scheme: str) -> None:
     """Where the partitioner's computed partitions cannot be read, loading each one gives the same."""
-    monkeypatch.setattr(fdata, "_computed_partitions", lambda partitioner, order: None)
+    monkeypatch.setattr(flower, "computed_partitions", lambda partitioner, order: None)
     labels = _labels(200, 5, skewed=True)
     _assert_same(
         partition_indices(labels, 30, scheme, seed=1),
@@ -262,13 +262,13 @@ def test_slow_fallback_identical(monkeypatch: pytest.MonkeyPatch, scheme: str) -
 
 def test_fast_path_mismatch_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     """If the partitions read at once disagree with ``load_partition``, the slow path is used."""
-    real = fdata._computed_partitions
+    real = flower.computed_partitions
 
     def shifted(partitioner: Partitioner, order: np.ndarray) -> list[np.ndarray] | None:
         parts = real(partitioner, order)
         return None if parts is None else parts[1:] + parts[:1]
 
-    monkeypatch.setattr(fdata, "_computed_partitions", shifted)
+    monkeypatch.setattr(flower, "computed_partitions", shifted)
     labels = _labels(200, 5, skewed=False)
     _assert_same(
         partition_indices(labels, 9, "iid", seed=0), reference_partition_indices(labels, 9, "iid", seed=0)
@@ -278,13 +278,13 @@ def test_fast_path_mismatch_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_dirichlet_replay_mismatch_keeps_flower_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """If the replayed sizes of attempt 0 were not the partitioner's, the original path runs instead
     (here the replay wrongly says that no attempt fits, and its sizes are off by one)."""
-    real = fdata._dirichlet_first_fit
+    real = dirichlet.dirichlet_first_fit
 
     def wrong(*args: object) -> tuple[int | None, np.ndarray]:
         fit, sizes = real(*args)  # type: ignore[arg-type]
         return None, sizes + 1
 
-    monkeypatch.setattr(fdata, "_dirichlet_first_fit", wrong)
+    monkeypatch.setattr(dirichlet, "dirichlet_first_fit", wrong)
     labels = _labels(200, 5, skewed=False)
     for num_partitions, alpha, min_size in ((10, 0.5, 2), (20, 0.3, 3)):
         kwargs = {"alpha": alpha, "seed": 1, "min_partition_size": min_size}
@@ -292,3 +292,36 @@ def test_dirichlet_replay_mismatch_keeps_flower_path(monkeypatch: pytest.MonkeyP
             partition_indices(labels, num_partitions, "dirichlet", **kwargs),
             reference_partition_indices(labels, num_partitions, "dirichlet", **kwargs),
         )
+
+
+@pytest.mark.parametrize("scheme", ["dirichlet", "shards"])
+def test_flower_private_partition_rows_are_read_where_load_partition_finds_them(scheme: str) -> None:
+    """``flower.computed_partitions`` reads ``_partition_id_to_indices`` of Flower Datasets' Dirichlet and
+    pathological partitioners (pinned releases, see its docstring). This fails if a release drops the
+    attribute, or if its rows stop being the rows ``load_partition`` selects: then the fast path would
+    silently turn into the slow one (or, were the probes to agree by chance, give other partitions)."""
+    labels = _labels(200, 5, skewed=True)
+    order = np.random.default_rng(1).permutation(labels.shape[0])
+    if scheme == "dirichlet":
+        partitioner = _dirichlet_partitioner(12, 0.5, 1, 2)
+    else:
+        partitioner = PathologicalPartitioner(
+            num_partitions=12,
+            partition_by="label",
+            num_classes_per_partition=2,
+            class_assignment_mode="first-deterministic",
+            shuffle=False,
+            seed=1,
+        )
+    partitioner.dataset = datasets.Dataset.from_dict({"label": labels[order], "index": order})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        loaded = [flower.loaded_partition(partitioner, pid) for pid in range(12)]
+    assert partitioner._partition_id_to_indices_determined is True
+    rows = partitioner._partition_id_to_indices
+    assert isinstance(rows, dict) and sorted(rows) == list(range(12))
+    for pid in range(12):  # row numbers of the dataset handed to the partitioner, as ``select`` takes them
+        np.testing.assert_array_equal(np.sort(order[np.asarray(rows[pid], dtype=np.int64)]), loaded[pid])
+    fast = flower.computed_partitions(partitioner, order)
+    assert fast is not None
+    _assert_same(fast, loaded)

@@ -23,7 +23,7 @@ ray = pytest.importorskip("ray")
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
-from fedeq.config.core import RUN_CONFIG_KEY, load_config, to_yaml  # noqa: E402
+from fedeq.config import RUN_CONFIG_KEY, load_config, to_yaml  # noqa: E402
 from fedeq.devices.clock import client_sim_time  # noqa: E402
 from fedeq.engines.ray.engine import make_grid, server_identity  # noqa: E402
 from fedeq.engines.ray.grid import RayGrid  # noqa: E402
@@ -47,8 +47,8 @@ def _run(cfg):
 def test_flower_fedavg_runs_unchanged_on_the_ray_grid(tmp_path):
     cfg = _quick(tmp_path)
     grid = make_grid(cfg)
-    from fedeq.data.core import load_dataset
-    from fedeq.models.core import build_model
+    from fedeq.data import load_dataset
+    from fedeq.models import build_model
 
     splits = load_dataset("digits")
     torch.manual_seed(0)

@@ -107,8 +107,8 @@ def test_work_stays_balanced_at_the_end_of_a_round():
 
 
 def test_actors_use_the_partitions_the_driver_installed():
-    from fedeq.config.core import load_config
-    from fedeq.data import core as data
+    from fedeq.config import load_config
+    from fedeq.data import clients as data
 
     cfg = load_config(None, ["num_clients=10", "data.partition=iid"])
     parts = data.client_partitions(cfg.data, 10, cfg.seed)
@@ -131,6 +131,6 @@ def test_actors_use_the_partitions_the_driver_installed():
 
 
 def _partition_sizes(data_cfg, n: int, seed: int) -> list[int]:
-    from fedeq.data.core import partition_sizes
+    from fedeq.data import partition_sizes
 
     return partition_sizes(data_cfg, n, seed)

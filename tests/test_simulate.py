@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fedeq.config.core import load_config
+from fedeq.config import load_config
 from fedeq.results.recorder import CLIENT_COLUMNS, ROUND_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,11 @@ QUICK = ROOT / "simulations" / "configs" / "quick.yaml"
 
 def _cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "fedeq.cli.main", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+        [sys.executable, "-m", "fedeq.cli.main", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
     )
 
 
@@ -147,3 +151,78 @@ def test_flwr_run_uses_the_same_apps(tmp_path):
     assert rounds["round"].tolist() == [1]
     summary = json.loads((tmp_path / "flwr" / "summary.json").read_text())
     assert summary["final_test_acc"] > summary["initial_test_acc"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines are looked up by name in the registry
+# ---------------------------------------------------------------------------------------------
+
+
+def _recording_engine(supports_resume: bool) -> tuple[type, list]:
+    from fedeq.engines.base import Engine
+
+    calls: list = []
+
+    class Recording(Engine):
+        def run(self, cfg, out_dir, quiet=False, resume=False) -> None:  # type: ignore[no-untyped-def]
+            calls.append((cfg.engine, Path(out_dir), quiet, resume))
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(out_dir) / "summary.json").write_text("{}")
+
+    Recording.supports_resume = supports_resume
+    return Recording, calls
+
+
+def test_simulate_dispatches_to_the_engine_named_in_config(tmp_path):
+    from fedeq.engines.simulate import simulate
+    from fedeq.registry import ENGINES
+
+    engine, calls = _recording_engine(supports_resume=True)
+    ENGINES.register("test_recording", engine)
+    try:
+        cfg = load_config(QUICK, [f"output_dir={tmp_path}", "run_name=run", "engine=test_recording"])
+        assert simulate(cfg, quiet=True) == tmp_path / "run"
+        assert simulate(cfg, resume_dir=tmp_path / "run") == tmp_path / "run"
+    finally:
+        ENGINES.unregister("test_recording")
+    assert calls == [
+        ("test_recording", tmp_path / "run", True, False),
+        ("test_recording", tmp_path / "run", False, True),
+    ]
+
+
+def test_resume_is_refused_for_an_engine_without_resume_support(tmp_path):
+    from fedeq.engines.simulate import simulate
+    from fedeq.registry import ENGINES
+
+    engine, calls = _recording_engine(supports_resume=False)
+    ENGINES.register("test_no_resume", engine)
+    try:
+        cfg = load_config(QUICK, [f"output_dir={tmp_path}", "engine=test_no_resume"])
+        with pytest.raises(ValueError, match=r"^--resume: runs on engine=test_no_resume cannot be resumed; "):
+            simulate(cfg, resume_dir=tmp_path)
+    finally:
+        ENGINES.unregister("test_no_resume")
+    assert calls == []
+    flower = load_config(QUICK, [f"output_dir={tmp_path}", "engine=flower"])
+    with pytest.raises(ValueError) as err:
+        simulate(flower, resume_dir=tmp_path)
+    assert str(err.value) == (
+        "--resume: runs on engine=flower cannot be resumed (Flower's runtime owns the loop); "
+        "allowed: engine=ray"
+    )
+
+
+def test_cli_resume_of_a_flower_run_exits_2_before_any_work(tmp_path):
+    from fedeq.config import to_yaml
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(to_yaml(load_config(QUICK, [f"output_dir={tmp_path}", "engine=flower"])))
+    (run / "checkpoint.pkl").write_bytes(b"not read")
+    res = _cli("simulate", "--resume", str(run))
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip() == (
+        "fedeq: error: --resume: only runs on engine=ray can be resumed; allowed: engine=ray (got 'flower')"
+    )
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pkl", "config.yaml"]

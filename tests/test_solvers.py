@@ -1,11 +1,26 @@
-"""Solvers: convergence, exact budgets, divergence handling, argument validation."""
+"""Solvers: convergence, exact budgets, divergence handling, argument validation, the registry."""
+
+from dataclasses import dataclass
 
 import pytest
 import torch
 
-from fedeq.deq.solvers.core import SOLVERS, solve
+import fedeq.deq.solvers.iterate as iterate
+from fedeq.deq.solvers import (
+    Anderson,
+    Broyden,
+    BroydenFactors,
+    FixedPoint,
+    Solver,
+    broyden_transpose_apply,
+    get_solver,
+    solve,
+)
+from fedeq.deq.solvers.broyden_explicit import ExplicitBroydenState
+from fedeq.deq.solvers.workspace import WORKSPACE
+from fedeq.registry import SOLVERS
 
-SOLVER_NAMES = list(SOLVERS)
+SOLVER_NAMES = list(SOLVERS.names())
 
 
 def _linear_problem(b: int = 6, d: int = 24, rho: float = 0.7, seed: int = 0):
@@ -128,6 +143,23 @@ def test_bad_arguments_raise(kwargs, match):
 def test_unknown_solver_option_raises():
     with pytest.raises(TypeError):
         solve(lambda z: z, torch.zeros(1, 2), "anderson", memory=3)
+    with pytest.raises(TypeError):
+        Anderson(memory=3)
+    with pytest.raises(ValueError, match="damping must be in"):
+        FixedPoint(damping=0.0)  # values are checked when the solver object is built
+
+
+def test_solver_objects_carry_their_options():
+    w, c = _linear_problem(rho=0.95, seed=2)
+    f = lambda z: z @ w.T + c  # noqa: E731
+    z_name, st_name = solve(f, torch.zeros_like(c), "anderson", max_iter=9, tol=1e-30, m=3, beta=0.7)
+    z_obj, st_obj = solve(f, torch.zeros_like(c), Anderson(m=3, beta=0.7), max_iter=9, tol=1e-30)
+    assert torch.equal(z_name, z_obj) and torch.equal(st_name.abs_residual, st_obj.abs_residual)
+    z_def, _ = solve(f, torch.zeros_like(c), Anderson(), max_iter=9, tol=1e-30)
+    assert not torch.equal(z_def, z_obj)  # the options changed the result
+    assert get_solver("broyden") is Broyden and Broyden.default_backward_solver == "anderson"
+    with pytest.raises(TypeError, match="set them on the object"):
+        solve(f, torch.zeros_like(c), Anderson(), m=3)
 
 
 # --- Broyden's residual-basis form and reused solver buffers ----------------------------------------------
@@ -139,14 +171,23 @@ def _wide_problem(b: int = 5, d: int = 48, rho: float = 0.8, seed: int = 3):
     return (lambda z: torch.tanh(z @ w.T + c)), torch.zeros_like(c)
 
 
-def test_broyden_residual_basis_matches_explicit_factors():
-    from fedeq.deq.solvers.core import BroydenFactors, _broyden_explicit, broyden, broyden_transpose_apply
+@dataclass(frozen=True, kw_only=True)
+class _ExplicitBroyden(Broyden):
+    """Broyden that always keeps its factors explicitly, with memory for every update."""
 
+    def init(self, z, max_iter):
+        return ExplicitBroydenState(z, max(max_iter - 1, 1))
+
+
+def test_broyden_residual_basis_matches_explicit_factors():
     f, z0 = _wide_problem()
     for max_iter in (1, 2, 5, 20):
-        z, st = broyden(f, z0, max_iter=max_iter, tol=1e-30, stop_mode="abs", keep_trace=True)
+        z, st = solve(f, z0, "broyden", max_iter=max_iter, tol=1e-30, stop_mode="abs", keep_trace=True)
         assert isinstance(st.broyden_factors, BroydenFactors)
-        z_ref, ref = _broyden_explicit(f, z0, max_iter, 1e-30, "abs", max(max_iter - 1, 1), True, None)
+        z_ref, ref = solve(
+            f, z0, _ExplicitBroyden(keep_trace=True), max_iter=max_iter, tol=1e-30, stop_mode="abs"
+        )
+        assert isinstance(ref.broyden_factors, tuple)
         torch.testing.assert_close(z, z_ref, rtol=0, atol=1e-12)
         torch.testing.assert_close(torch.stack(st.trace), torch.stack(ref.trace), rtol=1e-8, atol=1e-14)
         assert torch.equal(st.nfe, ref.nfe)
@@ -186,14 +227,12 @@ def test_wide_per_sample_stopping_and_divergence(name):
 @pytest.mark.parametrize("name", SOLVER_NAMES)
 def test_reused_buffers_give_identical_results(name, monkeypatch):
     # Solver buffers are kept between calls on the CPU: a solve must not see what an earlier one left.
-    from fedeq.deq.solvers import core as solvers
-
     f, z0 = _wide_problem()
     g, _ = _wide_problem(seed=4)
     opts = {"m": 4} if name == "anderson" else {}
     solve(g, z0 + 0.3, name, max_iter=12, tol=1e-30, **opts)
     z1, s1 = solve(f, z0, name, max_iter=12, tol=1e-30, **opts)
-    monkeypatch.setattr(solvers, "_cached", lambda x: False)  # fresh buffers on every call
+    monkeypatch.setattr(WORKSPACE, "enabled", False)  # fresh buffers on every call
     z2, s2 = solve(f, z0, name, max_iter=12, tol=1e-30, **opts)
     assert torch.equal(z1, z2) and torch.equal(s1.abs_residual, s2.abs_residual)
 
@@ -207,8 +246,6 @@ def test_broyden_factors_outlive_later_solves():
         solve(g, z0, "broyden", max_iter=10, tol=1e-30)
     _, fresh = solve(f, z0, "broyden", max_iter=10, tol=1e-30)
     w = torch.randn_like(z0)
-    from fedeq.deq.solvers.core import broyden_transpose_apply
-
     torch.testing.assert_close(
         broyden_transpose_apply(st.broyden_factors, w), broyden_transpose_apply(fresh.broyden_factors, w)
     )
@@ -230,11 +267,9 @@ def _nested_problem(name: str, inner_iter: int):
 @pytest.mark.parametrize("name", SOLVER_NAMES)
 def test_nested_solves_use_separate_buffers(name, monkeypatch):
     # f itself runs a solver of the same size (a DEQ inside a DEQ): each solve needs its own buffers.
-    from fedeq.deq.solvers import core as solvers
-
     outer, z0 = _nested_problem(name, inner_iter=5)
     z, _ = solve(outer, z0, name, max_iter=8, tol=1e-30)
-    monkeypatch.setattr(solvers, "_cached", lambda x: False)
+    monkeypatch.setattr(WORKSPACE, "enabled", False)
     z_ref, _ = solve(outer, z0, name, max_iter=8, tol=1e-30)
     assert torch.equal(z, z_ref)
 
@@ -243,8 +278,6 @@ def test_nested_solves_use_separate_buffers(name, monkeypatch):
 @pytest.mark.parametrize("d", [3, 64])
 def test_device_path_matches_host_path(name, d, monkeypatch):
     # GPUs take the path without host checks and without kept buffers; force it on the CPU and compare.
-    from fedeq.deq.solvers import core as solvers
-
     c = torch.zeros(4, d, dtype=torch.float64)
     c[1] = torch.linspace(-1, 1, d, dtype=torch.float64)
     c[3] = torch.linspace(1, 2, d, dtype=torch.float64)
@@ -256,8 +289,8 @@ def test_device_path_matches_host_path(name, d, monkeypatch):
 
     z0 = torch.zeros_like(c)
     host = solve(f, z0, name, max_iter=25, tol=1e-9, stop_mode="abs")
-    monkeypatch.setattr(solvers, "_host_checks", lambda z: False)
-    monkeypatch.setattr(solvers, "_cached", lambda z: False)
+    monkeypatch.setattr(iterate, "host_checks", lambda z: False)
+    monkeypatch.setattr(WORKSPACE, "enabled", False)
     device = solve(f, z0, name, max_iter=25, tol=1e-9, stop_mode="abs", check_every=4)
     torch.testing.assert_close(device[0], host[0], rtol=0, atol=1e-12)
     for field in ("nfe", "converged", "diverged"):
@@ -277,83 +310,67 @@ def test_kept_buffers_work_in_and_out_of_inference_mode(name):
     assert torch.equal(a, b) and torch.equal(b, c)
 
 
-GRAPH_CASES = [
-    ("fixed_point", {}),
-    ("fixed_point", {"damping": 0.7}),
-    ("anderson", {"m": 4}),
-    ("anderson", {"m": 3, "beta": 0.6}),
-]
+# --- The registry and the shared loop ----------------------------------------------------------------------
 
 
-def _graph_problem(d: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    c = torch.randn(5, d, generator=g, dtype=torch.float64)
-    c[2] *= 4.0
+@dataclass(frozen=True, kw_only=True)
+class _Halfway(Solver):
+    """``z ← (z + f(z)) / 2``: a solver written outside the package, with one option."""
 
-    def f(z):
-        out = torch.tanh(0.7 * z.roll(1, 1) + c)
-        out[3] = torch.exp(z[3].abs() * 40 + 40)  # diverges
-        return out
+    weight: float = 0.5
 
-    return f, torch.zeros_like(c)
+    def step(self, state, k, z, fz, track, last):
+        return None if last else torch.lerp(z, fz, self.weight)
 
 
-@pytest.mark.parametrize("name,options", GRAPH_CASES)
-@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
-def test_graphed_path_matches_host_path(name, options, stop_mode, monkeypatch):
-    # On CUDA the bookkeeping runs on one signature's fixed buffers (replayed as CUDA graphs); force that
-    # path on the CPU, where its steps run eagerly, and compare solve after solve with the host path.
-    from fedeq.deq.solvers import core as solvers
-
-    kw = dict(max_iter=18, tol=1e-8, stop_mode=stop_mode, keep_trace=True, **options)
-    problems = [_graph_problem(12, seed) for seed in (0, 1, 2)]
-    refs = [solve(f, z0, name, **kw) for f, z0 in problems]
-    monkeypatch.setattr(solvers, "_graphed", lambda z: True)
-    solvers._GRAPHS.clear()
-    for _ in range(2):  # the second round reuses the states the first one created
-        for (f, z0), (z_ref, s_ref) in zip(problems, refs, strict=True):
-            z, st = solve(f, z0, name, **kw)
-            torch.testing.assert_close(z, z_ref, rtol=0, atol=1e-12)
-            for field in ("nfe", "converged", "diverged"):
-                assert torch.equal(getattr(st, field), getattr(s_ref, field)), field
-            torch.testing.assert_close(st.abs_residual, s_ref.abs_residual, rtol=1e-10, atol=1e-14)
-            for a, b in zip(st.trace, s_ref.trace, strict=True):
-                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14, equal_nan=True)
-            assert st.diverged[3] and not st.diverged[[0, 1, 2, 4]].any()
-    assert len(solvers._GRAPHS._entries) == 1
+@pytest.fixture
+def halfway():
+    SOLVERS.register("halfway", _Halfway)
+    yield "halfway"
+    SOLVERS.unregister("halfway")
 
 
-@pytest.mark.parametrize("name", ["fixed_point", "anderson"])
-def test_graphed_path_keeps_inputs_and_results_valid(name, monkeypatch):
-    # The graphed path overwrites its buffers in every solve: what f was given and what a solve returned
-    # must not be those buffers.
-    from fedeq.deq.solvers import core as solvers
-
-    monkeypatch.setattr(solvers, "_graphed", lambda z: True)
-    solvers._GRAPHS.clear()
-    f, z0 = _wide_problem()
-    seen = []
-
-    def keeping(z):
-        seen.append((z, z.clone()))
-        return f(z)
-
-    z1, s1 = solve(keeping, z0, name, max_iter=10, tol=1e-30)
-    kept = z1.clone()
-    g, _ = _wide_problem(seed=4)
-    solve(g, z0 + 0.5, name, max_iter=10, tol=1e-30)
-    assert len(seen) == 10 and all(torch.equal(a, b) for a, b in seen)
-    assert torch.equal(z1, kept)
+def test_registered_solver_is_usable_by_name(halfway):
+    w, c = _linear_problem(rho=0.5)
+    z, st = solve(lambda z: z @ w.T + c, torch.zeros_like(c), "halfway", max_iter=400, tol=1e-10, weight=0.8)
+    exact = torch.linalg.solve(torch.eye(w.shape[0], dtype=w.dtype) - w, c.T).T
+    assert st.converged.all() and (st.nfe < 400).all()
+    torch.testing.assert_close(z, exact, rtol=0, atol=1e-8)
+    with pytest.raises(TypeError):
+        solve(lambda z: z, torch.zeros(1, 2), "halfway", m=3)  # an option of another solver
 
 
-@pytest.mark.parametrize("name", ["fixed_point", "anderson"])
-def test_graphed_nested_solve_of_the_same_signature(name, monkeypatch):
-    # A solve inside f with the signature of the outer one finds its state busy and solves without it.
-    from fedeq.deq.solvers import core as solvers
+def test_unknown_solver_lists_registered_names(halfway):
+    with pytest.raises(ValueError, match="solver must be one of fixed_point, anderson, broyden, halfway"):
+        solve(lambda z: z, torch.zeros(1, 2), "newton")
 
-    outer, z0 = _nested_problem(name, inner_iter=8)
-    z_ref, _ = solve(outer, z0, name, max_iter=8, tol=1e-30)
-    monkeypatch.setattr(solvers, "_graphed", lambda z: True)
-    solvers._GRAPHS.clear()
-    z, _ = solve(outer, z0, name, max_iter=8, tol=1e-30)
-    torch.testing.assert_close(z, z_ref, rtol=0, atol=1e-12)
+
+def test_budgets_are_exact_for_every_registered_solver(halfway):
+    w, c = _linear_problem(rho=0.95, seed=5)
+    for name in SOLVERS.names():
+        for max_iter in (1, 2, 6, 13):
+            calls = []
+
+            def f(z, calls=calls):
+                calls.append(z.shape)
+                return torch.tanh(z @ w.T + c)
+
+            z, st = solve(f, torch.zeros_like(c), name, max_iter=max_iter, tol=1e-30, keep_trace=True)
+            assert len(calls) == max_iter and (st.nfe == max_iter).all(), (name, max_iter)
+            assert len(st.trace) == max_iter
+            # The returned point is the candidate with the lowest residual, which is what is reported.
+            res = torch.stack(st.trace).min(dim=0).values
+            torch.testing.assert_close(st.rel_residual, res, rtol=0, atol=0)
+        # Every sample at its fixed point from the start: each stops after one evaluation; the loop looks at
+        # the batch every `check_every` evaluations, so it stops after that many calls (within the budget).
+        z0 = torch.tanh(c)
+        for every, max_iter in ((1, 10), (3, 10), (4, 2)):
+            counted = []
+
+            def g(z, counted=counted):
+                counted.append(1)
+                return torch.tanh(c)
+
+            _, st = solve(g, z0, name, max_iter=max_iter, tol=1e-6, check_every=every)
+            assert (st.nfe == 1).all() and st.converged.all(), name
+            assert len(counted) == min(every, max_iter), (name, every, max_iter)

@@ -1,4 +1,4 @@
-"""Tests for strategies/: ReplyGuard, QualityWeightedFedAvg and the strategy registry."""
+"""Tests for strategies/: the ReplyGuard wrapper, QualityWeightedFedAvg, quality functions, the registry."""
 
 from __future__ import annotations
 
@@ -11,13 +11,16 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, FedMedian, QFedAvg
 
+from fedeq.registry import QUALITY
+from fedeq.server.callbacks import RoundCallback
 from strategies import (
-    QUALITY_FUNCTIONS,
     STRATEGIES,
     QualityContext,
+    QualityFunction,
     QualityWeightedFedAvg,
     ReplyGuard,
     build_strategy,
+    quality_function,
     register_quality,
     resolve_strategy_class,
 )
@@ -117,7 +120,7 @@ def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("quality", sorted(HAND_QUALITY))
 def test_quality_weighted_average_matches_hand_computation(quality: str) -> None:
-    strategy = QualityWeightedFedAvg(quality=quality, temperature=TAU)
+    strategy = ReplyGuard(QualityWeightedFedAvg(quality=quality, temperature=TAU))
     arrays, metrics = strategy.aggregate_train(1, _replies())
     assert arrays is not None and metrics is not None
 
@@ -131,7 +134,7 @@ def test_quality_weighted_average_matches_hand_computation(quality: str) -> None
         np.testing.assert_allclose(got[key], expected[key], rtol=1e-6, atol=1e-7)
     assert metrics["quality-mean"] == pytest.approx(float(q.mean()))
     assert metrics["quality-fallback"] == 0
-    assert strategy.last_weights == pytest.approx(
+    assert strategy.strategy.last_weights == pytest.approx(
         {i + 1: float(w) for i, w in enumerate(N * q / (N * q).sum())}
     )
     assert strategy.round_counts[1] == {"ok": 3, "rejected": 0, "failed": 0}
@@ -139,10 +142,29 @@ def test_quality_weighted_average_matches_hand_computation(quality: str) -> None
 
 def test_quality_functions_direct() -> None:
     ctx = QualityContext(server_round=1, temperature=2.0, round_metrics=({"budget": 4.0}, {"budget": 16.0}))
-    assert QUALITY_FUNCTIONS["residual"]({"fp-residual": 0.5}, ctx) == pytest.approx(math.exp(-0.25))
-    assert QUALITY_FUNCTIONS["val_loss"]({"val-loss": 3.0}, ctx) == pytest.approx(math.exp(-1.5))
-    assert QUALITY_FUNCTIONS["budget"]({"budget": 4.0}, ctx) == pytest.approx(0.25)
-    assert QUALITY_FUNCTIONS["uniform"]({}, ctx) == 1.0
+    assert quality_function("residual")({"fp-residual": 0.5}, ctx) == pytest.approx(math.exp(-0.25))
+    assert quality_function("val_loss")({"val-loss": 3.0}, ctx) == pytest.approx(math.exp(-1.5))
+    assert quality_function("budget")({"budget": 4.0}, ctx) == pytest.approx(0.25)
+    assert quality_function("uniform")({}, ctx) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("name", "module", "requires"),
+    [
+        ("residual", "strategies.quality.residual", ("fp-residual",)),
+        ("budget", "strategies.quality.budget", ("budget",)),
+        ("val_loss", "strategies.quality.val_loss", ("val-loss",)),
+        ("uniform", "strategies.quality.uniform", ()),
+    ],
+)
+def test_each_quality_module_registers_its_function_with_its_requirements(
+    name: str, module: str, requires: tuple[str, ...]
+) -> None:
+    registered = QUALITY.get(name)
+    assert isinstance(registered, QualityFunction)
+    assert registered.name == name and registered.requires == requires
+    assert registered.fn.__module__ == module
+    assert QualityWeightedFedAvg(quality=name).required_metrics == requires
 
 
 def test_uniform_equals_flower_fedavg() -> None:
@@ -198,21 +220,31 @@ def test_zero_quality_falls_back_to_example_weights() -> None:
 
 
 def test_register_quality_plugin() -> None:
-    @register_quality("test-inverse-loss", requires=("train-loss",))
+    @register_quality("test_inverse_loss", requires=("train-loss",))
     def inverse_loss(metrics, ctx):  # type: ignore[no-untyped-def]
         return 1.0 / float(metrics["train-loss"])
 
     try:
         with pytest.raises(ValueError, match="already registered"):
-            register_quality("test-inverse-loss")(inverse_loss)
-        strategy = QualityWeightedFedAvg(quality="test-inverse-loss")
-        assert "train-loss" in strategy.required_metrics
+            register_quality("test_inverse_loss")(inverse_loss)
+        assert QUALITY.get("test_inverse_loss").requires == ("train-loss",)
+        strategy = ReplyGuard(QualityWeightedFedAvg(quality="test_inverse_loss"))
+        assert "train-loss" in strategy.required_keys(train=True)
         arrays, _ = strategy.aggregate_train(1, _replies())
         assert arrays is not None
         loss = np.array([1.0, 2.0, 3.0])
         np.testing.assert_allclose(arrays["w"].numpy(), _hand_average(N / loss)["w"], rtol=1e-6)
+
+        register_quality("test_inverse_loss", overwrite=True)(lambda metrics, ctx: 1.0)
+        assert QUALITY.get("test_inverse_loss").requires == ()
+        arrays, _ = QualityWeightedFedAvg(quality="test_inverse_loss").aggregate_train(1, _replies())
+        assert arrays is not None
+        np.testing.assert_allclose(arrays["w"].numpy(), _hand_average(N)["w"], rtol=1e-6)
     finally:
-        QUALITY_FUNCTIONS.pop("test-inverse-loss", None)
+        QUALITY.unregister("test_inverse_loss")
+    assert "test_inverse_loss" not in QUALITY
+    with pytest.raises(ValueError, match="identifier"):
+        register_quality("not-an-identifier")(inverse_loss)
 
 
 def test_invalid_quality_and_temperature() -> None:
@@ -227,7 +259,7 @@ def test_quality_requirement_rejects_reply_without_metric() -> None:
     metrics = client_metrics()
     del metrics["fp-residual"]
     replies = _replies()[:2] + [make_reply(9, _client_arrays(2), metrics)]
-    strategy = QualityWeightedFedAvg(quality="residual")
+    strategy = ReplyGuard(QualityWeightedFedAvg(quality="residual"))
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
     assert strategy.round_counts[1] == {"ok": 2, "rejected": 1, "failed": 0}
@@ -329,7 +361,7 @@ def test_guard_captures_global_layout_in_configure_train() -> None:
 
 def test_guard_with_fedmedian_and_int_dtype_kept() -> None:
     strategy = build_strategy("fedmedian")
-    assert isinstance(strategy, FedMedian) and isinstance(strategy, ReplyGuard)
+    assert isinstance(strategy, ReplyGuard) and type(strategy.strategy) is FedMedian
     strategy.set_global_arrays(to_array_record(GLOBAL))
     replies = [*_replies(), _bad_replies()[11][0]]
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -338,6 +370,74 @@ def test_guard_with_fedmedian_and_int_dtype_kept() -> None:
     np.testing.assert_allclose(arrays["w"].numpy(), np.median(stacked, axis=0), rtol=1e-6)
     assert arrays["count"].numpy().dtype == np.int64
     assert strategy.round_counts[1]["rejected"] == 1
+
+
+def test_guard_wraps_a_strategy_instance_and_hides_nan_replies_from_it() -> None:
+    inner = FedMedian(min_available_nodes=1, min_train_nodes=1)
+    seen: list[list[int]] = []
+    aggregate = inner.aggregate_train
+
+    def spy(server_round, replies):  # type: ignore[no-untyped-def]
+        replies = list(replies)
+        seen.append([int(m.metadata.src_node_id) for m in replies])
+        return aggregate(server_round, replies)
+
+    inner.aggregate_train = spy  # type: ignore[method-assign]
+    guard = ReplyGuard(inner)
+    assert guard.strategy is inner
+    guard.set_global_arrays(to_array_record(GLOBAL))
+    nan_reply = _bad_replies()[11][0]
+    replies = [*_replies(), nan_reply]
+
+    # what the NaN reply does without the guard (Flower's aggregation consumes the replies: fresh ones)
+    unguarded, _ = FedMedian().aggregate_train(1, [*_replies(), _bad_replies()[11][0]])
+    assert unguarded is not None and np.isnan(unguarded["w"].numpy()).any()
+
+    arrays, _ = guard.aggregate_train(1, replies)
+    assert seen == [[1, 2, 3]]  # node 11's NaN reply never reached the inner strategy
+    assert arrays is not None and np.isfinite(arrays["w"].numpy()).all()
+    stacked = np.stack([_client_arrays(i)["w"] for i in range(3)])
+    np.testing.assert_allclose(arrays["w"].numpy(), np.median(stacked, axis=0), rtol=1e-6)
+    assert guard.round_counts[1] == {"ok": 3, "rejected": 1, "failed": 0}
+    assert "not finite" in guard.client_log[-1]["reason"]
+
+    guard.set_global_arrays(to_array_record(GLOBAL))
+    assert guard.aggregate_train(2, [nan_reply]) == (None, None)
+    assert seen == [[1, 2, 3]]  # nothing valid: the inner strategy is not called at all
+
+
+def test_guard_delegates_configuration_summary_and_start() -> None:
+    class Recording(FedAvg):
+        def __init__(self) -> None:
+            super().__init__(min_available_nodes=2, min_train_nodes=2, min_evaluate_nodes=2)
+            self.calls: list[str] = []
+
+        def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+            self.calls.append(f"configure_train {server_round}")
+            return super().configure_train(server_round, arrays, config, grid)
+
+        def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+            self.calls.append(f"configure_evaluate {server_round}")
+            return super().configure_evaluate(server_round, arrays, config, grid)
+
+        def aggregate_evaluate(self, server_round, replies):  # type: ignore[no-untyped-def]
+            self.calls.append(f"aggregate_evaluate {server_round} {len(list(replies))}")
+            return super().aggregate_evaluate(server_round, replies)
+
+        def summary(self) -> None:
+            self.calls.append("summary")
+
+    inner = Recording()
+    guard = ReplyGuard(inner, required_eval_metrics=("num-examples", "val-loss"))
+    initial = {"w": np.full((2, 3), 0.5, np.float32), "b": np.zeros(3, np.float32)}
+    clients = {n: _make_client(n) for n in (1, 2, 3)}  # node 3 replies NaN: rejected in both phases
+    result, _ = run_local(guard, clients, initial, num_rounds=1, timeout=5)
+    assert inner.calls == ["summary", "configure_train 1", "configure_evaluate 1", "aggregate_evaluate 1 2"]
+    assert guard.round_counts[1] == {"ok": 2, "rejected": 1, "failed": 0}
+    assert guard.eval_round_counts[1] == {"ok": 2, "rejected": 1, "failed": 0}
+    assert np.isfinite(result.arrays["w"].numpy()).all()
+    with pytest.raises(TypeError, match="flwr Strategy instance"):
+        ReplyGuard(FedAvg)  # type: ignore[arg-type]
 
 
 def test_guard_aggregate_evaluate() -> None:
@@ -375,25 +475,26 @@ def test_guard_rejects_minority_metric_keys() -> None:
 def test_every_builtin_builds(name: str) -> None:
     kwargs = {"client_learning_rate": 0.1} if name == "qfedavg" else {}
     strategy = build_strategy(name, kwargs, fraction_train=0.5, not_a_parameter=1)
-    assert isinstance(strategy, STRATEGIES[name])
     assert isinstance(strategy, ReplyGuard)
-    assert strategy.fraction_train == 0.5
+    assert type(strategy.strategy) is STRATEGIES[name]
+    assert strategy.strategy.fraction_train == 0.5
     assert strategy.required_metrics[0] == "num-examples"
     if name == "qfedavg":
-        assert isinstance(strategy, QFedAvg) and strategy.train_loss_key == "train-loss"
+        assert isinstance(strategy.strategy, QFedAvg) and strategy.strategy.train_loss_key == "train-loss"
 
 
 def test_build_is_stable_and_user_kwargs_win() -> None:
     a = build_strategy("fedavg", {"fraction_train": 0.25}, fraction_train=0.5)
     b = build_strategy("FedAvg")
-    assert type(a) is type(b) and type(a).__name__ == "GuardedFedAvg"
-    assert a.fraction_train == 0.25
+    assert type(a) is type(b) is ReplyGuard and type(a.strategy) is type(b.strategy) is FedAvg
+    assert a.strategy.fraction_train == 0.25
     q = build_strategy(
         "quality", {"quality": "budget", "temperature": 2.0, "required_metrics": ["num-examples", "tier"]}
     )
-    assert type(q) is QualityWeightedFedAvg
-    assert (q.quality, q.temperature) == ("budget", 2.0)
-    assert set(q.required_metrics) == {"num-examples", "tier", "budget"}
+    assert type(q.strategy) is QualityWeightedFedAvg
+    assert (q.strategy.quality, q.strategy.temperature) == ("budget", 2.0)
+    assert q.required_metrics == ("num-examples", "tier")  # the guard's own; the quality adds "budget"
+    assert set(q.required_keys(train=True)) == {"num-examples", "tier", "budget"}
 
 
 def test_plugin_strategy_resolves_and_receives_kwargs() -> None:
@@ -401,11 +502,11 @@ def test_plugin_strategy_resolves_and_receives_kwargs() -> None:
     strategy = build_strategy(
         "tests.test_strategies:MyStrategy", {"alpha": 0.25}, fraction_train=0.5, fraction_evaluate=0.3
     )
-    assert isinstance(strategy, MyStrategy) and isinstance(strategy, ReplyGuard)
-    assert type(strategy).__name__ == "GuardedMyStrategy"
-    assert strategy.alpha == 0.25
-    assert strategy.fraction_train == 0.5
-    assert strategy.fraction_evaluate == 1.0  # default not accepted by MyStrategy -> dropped
+    assert isinstance(strategy, ReplyGuard) and type(strategy.strategy) is MyStrategy
+    inner = strategy.strategy
+    assert inner.alpha == 0.25
+    assert inner.fraction_train == 0.5
+    assert inner.fraction_evaluate == 1.0  # default not accepted by MyStrategy -> dropped
 
 
 def test_unknown_name_and_bad_kwargs_name_the_field() -> None:
@@ -462,7 +563,7 @@ def _make_client(node_id: int):  # type: ignore[no-untyped-def]
 def test_start_two_rounds_with_local_grid() -> None:
     initial = {"w": np.full((2, 3), 0.5, np.float32), "b": np.zeros(3, np.float32)}
     grid = LocalGrid({n: _make_client(n) for n in range(1, 6)})
-    strategy = QualityWeightedFedAvg(quality="residual", temperature=0.5, min_available_nodes=5)
+    strategy = ReplyGuard(QualityWeightedFedAvg(quality="residual", temperature=0.5, min_available_nodes=5))
     result = strategy.start(grid=grid, initial_arrays=to_array_record(initial), num_rounds=2, timeout=5)
 
     # Hand computation over the two valid clients only.
@@ -521,28 +622,40 @@ def _run_rounds_recording(overlap: bool, fail_at: int | None = None):  # type: i
     events: list[tuple[str, int, str]] = []
     evaluated: dict[int, dict[str, np.ndarray]] = {}
 
-    def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
-        if rnd == fail_at:
-            raise RuntimeError(f"evaluation of round {rnd} failed")
-        evaluated[rnd] = _numpy(arrays)
-        events.append(("evaluate", rnd, threading.current_thread().name))
-        return MetricRecord({"w-mean": float(evaluated[rnd]["w"].mean())})
+    class Evaluation(RoundCallback):
+        def on_round_end(self, server_round: int, arrays: ArrayRecord) -> None:
+            events.append(("end", server_round, threading.current_thread().name))
 
-    def on_round_end(rnd: int, arrays: ArrayRecord):  # type: ignore[no-untyped-def]
-        events.append(("end", rnd, threading.current_thread().name))
-        return lambda: events.append(("finish", rnd, threading.current_thread().name))
+        def after_round(self, server_round, arrays, metrics):  # type: ignore[no-untyped-def]
+            if server_round == fail_at:
+                raise RuntimeError(f"evaluation of round {server_round} failed")
+            evaluated[server_round] = _numpy(arrays)
+            events.append(("evaluate", server_round, threading.current_thread().name))
+            return {"w-mean": float(evaluated[server_round]["w"].mean()), "note": "not a number"}
+
+    class Finish(RoundCallback):
+        def on_run_start(self, start_round: int, arrays: ArrayRecord) -> None:
+            events.append(("start", start_round, threading.current_thread().name))
+
+        def after_round(self, server_round, arrays, metrics):  # type: ignore[no-untyped-def]
+            assert metrics["w-mean"] == float(evaluated[server_round]["w"].mean())  # the earlier callback's
+            if server_round > 0:
+                events.append(("finish", server_round, threading.current_thread().name))
+            return {"finished": server_round}
+
+        def on_run_end(self, result) -> None:  # type: ignore[no-untyped-def]
+            events.append(("run-end", len(result.train_metrics_clientapp), threading.current_thread().name))
 
     initial = {"w": np.full((2, 3), 0.5, np.float32), "b": np.zeros(3, np.float32)}
     grid = LocalGrid({n: _make_client(n) for n in range(1, 6)})
-    strategy = QualityWeightedFedAvg(quality="residual", temperature=0.5, min_available_nodes=5)
+    strategy = ReplyGuard(QualityWeightedFedAvg(quality="residual", temperature=0.5, min_available_nodes=5))
     with task_identity(run_id=grid.run.run_id):
         result = run_rounds(
             strategy,
             grid,
             to_array_record(initial),
             3,
-            evaluate_fn=evaluate_fn,
-            on_round_end=on_round_end,
+            callbacks=[Evaluation(), Finish()],
             overlap=overlap,
             timeout=5,
         )
@@ -556,6 +669,8 @@ def test_overlapped_round_end_gives_the_same_run() -> None:
         np.testing.assert_array_equal(_numpy(ovl.arrays)[key], value)
     assert seq.evaluate_metrics_serverapp == ovl.evaluate_metrics_serverapp
     assert sorted(ovl.evaluate_metrics_serverapp) == [0, 1, 2, 3]
+    for rnd, metrics in ovl.evaluate_metrics_serverapp.items():  # the callbacks' numbers, merged
+        assert set(metrics) == {"w-mean", "finished"} and metrics["finished"] == rnd
     for rnd, arrays in seq_eval.items():  # each evaluation saw its own round's model
         for key, value in arrays.items():
             np.testing.assert_array_equal(ovl_eval[rnd][key], value)
@@ -572,6 +687,8 @@ def test_overlapped_round_end_gives_the_same_run() -> None:
     assert threads[("evaluate", 1)].startswith("fedeq-round-end")
     assert threads[("finish", 2)].startswith("fedeq-round-end")
     assert threads[("evaluate", 3)] == "MainThread" and threads[("end", 1)] == "MainThread"
+    for events in (seq_events, ovl_events):  # the run's first and last hooks
+        assert events[0][:2] == ("start", 1) and events[-1][:2] == ("run-end", 3)
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -583,7 +700,7 @@ def test_round_end_errors_propagate(overlap: bool) -> None:
 def test_records_of_matches_the_typed_record_properties() -> None:
     from flwr.app import Array
 
-    from strategies.guard import records_of
+    from strategies.validation import records_of
 
     content = RecordDict(
         {

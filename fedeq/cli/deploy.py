@@ -26,15 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedeq.config.core import ConfigError, load_config
-from fedeq.engines.deploy.certs import (
-    DEFAULT_HOSTS,
-    CertLayout,
-    generate_deployment,
-    public_keys,
-    server_names,
-)
-from fedeq.engines.deploy.launcher import (
+from fedeq.cli.config_args import check_runnable, split_config_args
+from fedeq.config import ConfigError, load_config
+from fedeq.engines.deploy import (
     DEFAULT_SUPERLINK_PORT,
     DEFAULT_SUPERNODE_PORT,
     DeployError,
@@ -54,6 +48,13 @@ from fedeq.engines.deploy.launcher import (
     supernode_argv,
     wait_for_port,
     write_connection,
+)
+from fedeq.engines.deploy.certs import (
+    DEFAULT_HOSTS,
+    CertLayout,
+    generate_deployment,
+    public_keys,
+    server_names,
 )
 from fedeq.engines.deploy.processes import ProcessRegistry, signals_raise
 
@@ -152,8 +153,6 @@ def add_deploy_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def _load_run_config(args: Sequence[str]) -> Any:
-    from fedeq.cli.main import check_runnable, split_config_args
-
     path, overrides = split_config_args(args)
     cfg = load_config(path, overrides)
     import flwr.supercore.logger  # noqa: F401 - configures the "flwr" logger on import

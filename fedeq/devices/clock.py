@@ -13,6 +13,7 @@ and the call takes ``compute + comm`` simulated seconds. A round lasts as long a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,3 +46,16 @@ def client_sim_time(
         + 2.0 * tier.latency_s
     )
     return SimTime(compute, comm)
+
+
+def reply_sim_time(tier: Any, metrics: Mapping[str, Any], model_bytes: int, nfe_cost_s: float) -> float:
+    """Simulated seconds of a client call from the metrics it reported (model down and up once)."""
+    return client_sim_time(
+        tier,
+        nfe_fwd=float(metrics.get("nfe-fwd", 0.0)),
+        nfe_bwd=float(metrics.get("nfe-bwd", 0.0)),
+        samples=float(metrics.get("samples", metrics.get("num-examples", 0))),
+        bytes_down=model_bytes,
+        bytes_up=model_bytes,
+        nfe_cost_s=nfe_cost_s,
+    ).total_s

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import MutableMapping
 from typing import Any
 
 import numpy as np
-import torch
+from flwr.app import ArrayRecord
+
+from fedeq.arrays import from_numpy
 
 FAULT_KINDS = ("raise", "hang", "nan")
 
@@ -38,9 +39,13 @@ def before_training(kind: str | None, faults: Any) -> None:
         time.sleep(float(faults.hang_s))
 
 
-def poison(state: MutableMapping[str, torch.Tensor]) -> None:
-    """Make the first floating-point tensor NaN (a broken update the server must reject)."""
-    for key, value in state.items():
-        if torch.is_floating_point(value):
-            state[key] = torch.full_like(value, float("nan"))
-            return
+def poison(arrays: ArrayRecord) -> ArrayRecord:
+    """A copy of ``arrays`` whose first floating-point array is all NaN (a broken update the server must
+    reject); the other arrays are shared."""
+    out = ArrayRecord(dict(arrays.items()))
+    for key, array in arrays.items():
+        dtype = np.dtype(array.dtype)
+        if dtype.kind == "f":
+            out[key] = from_numpy(np.full(tuple(array.shape), np.nan, dtype=dtype))
+            break
+    return out

@@ -1,6 +1,13 @@
-"""Engines (registered in :data:`fedeq.registry.ENGINES`)."""
+"""Engines that run a validated config, registered by name in :data:`fedeq.registry.ENGINES`.
 
-from fedeq.registry import ENGINES
+Importing this package registers the built-ins (``ray``, then ``flower``: the order of the names) without
+importing Ray or Flower: each engine imports its runtime when it runs.
+"""
 
-for _name in ("ray", "flower"):
-    ENGINES.register(_name, _name)
+from fedeq.engines.base import Engine, get_engine, resumable_engines, resume_refused
+from fedeq.engines.ray import RayEngine
+
+# isort: split
+from fedeq.engines.flower import FlowerEngine
+
+__all__ = ["Engine", "FlowerEngine", "RayEngine", "get_engine", "resumable_engines", "resume_refused"]

@@ -17,7 +17,7 @@ so the fixed point of ``f`` is ``z*(x)`` and ``V(z) - V(z*)`` is a Lyapunov func
 ``z ← f(z)``: by the descent lemma ``V(f(z)) ≤ V(z) - (ω/L)(1 - ω/2) ||∇V(z)||²``, and ``f`` is a contraction
 with factor ``max(1 - ω/L, ω - 1)``. (Projecting a free cell's dynamics onto ``{∇Vᵀ ż ≤ -αV}`` as in Manek &
 Kolter's stable dynamics moves its only equilibrium to ``argmin V``; here the stable dynamics are chosen so
-that this equilibrium is the DEQ's fixed point by construction.) Any solver of :mod:`fedeq.deq.solvers.core` and any
+that this equilibrium is the DEQ's fixed point by construction.) Any solver of :func:`fedeq.deq.solve` and any
 backward mode of :class:`fedeq.deq.layer.DEQ` applies, under the device's budgets.
 
 Orthogonal head. ``logits = τ · Q z* + β`` with ``Q ∈ R^{C×d}`` having orthonormal rows and a learned scale
@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from fedeq.deq.layer import DEQ, DEQOutput
-from fedeq.models.core import ModelOutput, _get, _prod
+from fedeq.deq import DEQ, DEQOutput
+from fedeq.models.base import ModelOutput, config_value, flattened_size
+from fedeq.registry import MODELS
 
 Tensor = torch.Tensor
 Context = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -134,6 +135,8 @@ class LyaDEQ(nn.Module):
         return ModelOutput(self.classify(out.z), out)
 
 
+@MODELS.register("lyadeq")
 def build_lyadeq(input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any]) -> nn.Module:
     """Registry factory: ``hidden`` from ``cfg`` (default 64)."""
-    return LyaDEQ(int(_prod(input_shape)), num_classes, hidden=int(_get(cfg, "hidden", 64)), **deq)
+    hidden = int(config_value(cfg, "hidden", 64))
+    return LyaDEQ(int(flattened_size(input_shape)), num_classes, hidden=hidden, **deq)

@@ -6,8 +6,9 @@ model with input injection ``c = inject(x)``, cell ``z ↦ cell(z, c)`` and read
 
     f(z, x) = cell(z, inject(x)),    z* = f(z*, x),    logits = readout(z*).
 
-:func:`deq_parts` builds these functions for :class:`~fedeq.models.core.MLPDEQ` and
-:class:`~fedeq.models.core.ConvDEQ` (and any module exposing a ``parts()`` method returning :class:`DEQParts`).
+:func:`deq_parts` builds these functions for :class:`~fedeq.models.mlp_deq.MLPDEQ` and
+:class:`~fedeq.models.conv_deq.ConvDEQ` (and any module exposing a ``parts()`` method returning
+:class:`DEQParts`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedeq.models.core import MLPDEQ, ConvDEQ
+from fedeq.models.conv_deq import ConvDEQ
+from fedeq.models.mlp_deq import MLPDEQ
 
 Tensor = torch.Tensor
 

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedeq.deq.layer import BackwardStats, DEQOutput, DEQSettings
-from fedeq.deq.solvers.core import SolverStats
-from fedeq.models.core import ModelOutput, _get, _prod
+from fedeq.deq import BackwardStats, DEQOutput, DEQSettings, SolverStats
+from fedeq.models.base import ModelOutput, config_value, flattened_size
+from fedeq.registry import MODELS
 
 Tensor = torch.Tensor
 
@@ -78,7 +78,7 @@ class TiedMLP(nn.Module):
         mask_density: fraction ``p ∈ (0, 1]`` of kept entries (1: no masks).
         mask_pattern: ``unstructured`` or ``row``.
         mask_seed: seed of the masks (integer ≥ 0).
-        **deq_settings: fields of :class:`fedeq.deq.layer.DEQSettings`; ``f_max_iter``/``b_max_iter`` default to
+        **deq_settings: fields of :class:`fedeq.deq.DEQSettings`; ``f_max_iter``/``b_max_iter`` default to
             ``depth`` (all layers).
     """
 
@@ -170,11 +170,13 @@ class TiedMLP(nn.Module):
         return ModelOutput(self.head(z), DEQOutput(z, stats, bstats, s, graph_evals=0))
 
 
+@MODELS.register("tied")
 def build_tied(input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any]) -> nn.Module:
     """Registry factory for ``tied`` (dense masks): ``hidden`` and ``depth`` from ``cfg``."""
     return _build(input_shape, num_classes, cfg, deq, sparse=False)
 
 
+@MODELS.register("tied_sparse")
 def build_tied_sparse(
     input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any]
 ) -> nn.Module:
@@ -185,11 +187,14 @@ def build_tied_sparse(
 def _build(
     input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any], sparse: bool
 ) -> nn.Module:
-    kwargs: dict[str, Any] = {"hidden": int(_get(cfg, "hidden", 64)), "depth": int(_get(cfg, "depth", 3))}
+    kwargs: dict[str, Any] = {
+        "hidden": int(config_value(cfg, "hidden", 64)),
+        "depth": int(config_value(cfg, "depth", 3)),
+    }
     if sparse:
         kwargs.update(
-            mask_density=float(_get(cfg, "mask_density", 0.5)),
-            mask_pattern=str(_get(cfg, "mask_pattern", "unstructured")),
-            mask_seed=int(_get(cfg, "mask_seed", 0)),
+            mask_density=float(config_value(cfg, "mask_density", 0.5)),
+            mask_pattern=str(config_value(cfg, "mask_pattern", "unstructured")),
+            mask_seed=int(config_value(cfg, "mask_seed", 0)),
         )
-    return TiedMLP(int(_prod(input_shape)), num_classes, **kwargs, **deq)
+    return TiedMLP(int(flattened_size(input_shape)), num_classes, **kwargs, **deq)

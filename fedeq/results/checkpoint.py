@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from flwr.serverapp.strategy import Strategy
 
 CHECKPOINT_FILE = "checkpoint.pkl"
 JOURNAL_FILE = "checkpoint.journal"
@@ -151,12 +152,25 @@ TRANSIENT_ATTRIBUTES = ("reply_checks",)
 JOURNALED_ATTRIBUTES = ("client_log", "eval_client_log")
 """Strategy attributes that only grow (the reply guard's logs): stored in the journal, not the snapshot."""
 
+WRAPPED_ATTRIBUTE = "strategy"
+"""Where a wrapper strategy (the reply guard, Flower's DP wrappers) holds the strategy it wraps; the wrapped
+strategy's state is stored nested under this name."""
+
+
+def _wrapped(strategy: Any) -> Strategy | None:
+    inner = vars(strategy).get(WRAPPED_ATTRIBUTE)
+    return inner if isinstance(inner, Strategy) else None
+
 
 def strategy_state(strategy: Any) -> dict[str, Any]:
     """The strategy's attributes (picklable for Flower's built-in strategies), minus transient and
-    journaled ones."""
+    journaled ones; a wrapped strategy's attributes nested the same way."""
     skip = (*TRANSIENT_ATTRIBUTES, *JOURNALED_ATTRIBUTES)
-    return {k: v for k, v in vars(strategy).items() if k not in skip}
+    state = {k: v for k, v in vars(strategy).items() if k not in skip}
+    inner = _wrapped(strategy)
+    if inner is not None:
+        state[WRAPPED_ATTRIBUTE] = strategy_state(inner)
+    return state
 
 
 def journaled_lists(strategy: Any) -> dict[str, list[Any]]:
@@ -170,8 +184,17 @@ def snapshot_strategy(strategy: Any) -> bytes:
     return pickle.dumps(strategy_state(strategy), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def restore_strategy(strategy: Any, state: dict[str, Any] | bytes) -> None:
-    """Put back a :func:`strategy_state` (or its :func:`snapshot_strategy` bytes)."""
-    if isinstance(state, bytes):
-        state = pickle.loads(state)
+def restore_strategy(strategy: Any, state: Mapping[str, Any] | bytes) -> None:
+    """Put back a :func:`strategy_state` (or its :func:`snapshot_strategy` bytes), in place.
+
+    A snapshot without a nested state for a wrapped strategy (written when the reply guard was mixed into
+    the strategy class) is one flat dict: the attributes the wrapped strategy has go to it.
+    """
+    state = dict(pickle.loads(state) if isinstance(state, bytes) else state)
+    inner = _wrapped(strategy)
+    if inner is not None:
+        inner_state = state.pop(WRAPPED_ATTRIBUTE, None)
+        if not isinstance(inner_state, Mapping):
+            inner_state = {k: state.pop(k) for k in list(state) if k in vars(inner)}
+        restore_strategy(inner, inner_state)
     vars(strategy).update(state)

@@ -1,4 +1,4 @@
-"""White-box attacks through DEQs (FGSM, PGD in L∞ and L2) and clean/robust accuracy.
+"""White-box attacks through DEQs: FGSM and PGD in L∞ and L2, and the input gradient they ascend.
 
 For a classifier with loss ``L(x) = ℓ(h(z*(x)), y)`` and ``z* = f(z*, x)``, the attacks ascend ``L`` inside
 the ball ``B_ε(x₀) = {x : ||x - x₀||_p ≤ ε}`` intersected with the data range ``[lo, hi]`` (``[0, 1]``):
@@ -26,14 +26,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedeq.config.core import ATTACK_NORMS
 from fedeq.deq.layer import DEQ
-from fedeq.models.core import ModelOutput
+from fedeq.models.base import ModelOutput
+from fedeq.robust.ball import EPS, NORMS, per_sample, project, random_start
 
 Tensor = torch.Tensor
 LossFn = Callable[[ModelOutput, Tensor], Tensor]
@@ -44,22 +43,19 @@ __all__ = [
     "NORMS",
     "AttackConfig",
     "AttackResult",
-    "RobustStats",
+    "LossFn",
+    "TemporaryEvalMode",
     "deq_cost",
     "fgsm",
+    "forward_budget",
     "gradient_overrides",
     "input_gradient",
     "pgd",
-    "project",
-    "random_start",
-    "robust_accuracy",
     "run_attack",
 ]
 
 ATTACKS: tuple[str, ...] = ("pgd", "fgsm", "jiio")
-NORMS = ATTACK_NORMS  # the attack norms the config accepts
 GRADIENTS: tuple[str, ...] = ("ift", "phantom", "unrolled", "jfb")
-_EPS = 1e-12
 
 
 @dataclass(frozen=True)
@@ -122,59 +118,9 @@ class AttackResult:
     nfe_bwd: float = 0.0
 
 
-@dataclass
-class RobustStats:
-    """Clean and adversarial accuracy / loss on a data set."""
-
-    num_examples: int
-    clean_acc: float
-    robust_acc: float
-    clean_loss: float
-    robust_loss: float
-    mean_perturbation: float
-    """Mean ``||x_adv - x||_p`` in the attack's norm."""
-
-    def as_dict(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.__dict__.items()}
-
-
-def _view(v: Tensor, like: Tensor) -> Tensor:
-    return v.reshape(-1, *([1] * (like.dim() - 1)))
-
-
-def _norms(t: Tensor, norm: str) -> Tensor:
-    flat = t.flatten(1)
-    return flat.abs().amax(dim=1) if norm == "linf" else flat.norm(dim=1)
-
-
-def project(delta: Tensor, epsilon: float | Tensor, norm: str) -> Tensor:
-    """Euclidean projection of each sample's ``delta`` onto ``{||δ||_p ≤ ε}`` (p = ∞ or 2)."""
-    if norm == "linf":
-        eps = _view(
-            torch.as_tensor(epsilon, dtype=delta.dtype, device=delta.device).expand(delta.shape[0]), delta
-        )
-        return torch.maximum(torch.minimum(delta, eps), -eps)
-    if norm == "l2":
-        n = delta.flatten(1).norm(dim=1)
-        factor = torch.as_tensor(epsilon, dtype=delta.dtype, device=delta.device) / n.clamp_min(_EPS)
-        return delta * _view(factor.clamp(max=1.0), delta)
-    raise ValueError(f"norm must be one of {', '.join(NORMS)} (got {norm!r})")
-
-
-def random_start(x: Tensor, epsilon: float, norm: str, generator: torch.Generator | None = None) -> Tensor:
-    """A perturbation drawn uniformly from the ε-ball (L∞: uniform cube; L2: uniform in the ball)."""
-    shape = x.shape
-    if norm == "linf":
-        u = torch.rand(shape, generator=generator, dtype=x.dtype)
-        return ((2 * u - 1) * epsilon).to(x.device)
-    g = torch.randn(shape, generator=generator, dtype=x.dtype)
-    d = g[0].numel()
-    g = g / _view(g.flatten(1).norm(dim=1).clamp_min(_EPS), x)
-    r = torch.rand(shape[0], generator=generator, dtype=x.dtype) ** (1.0 / d) * epsilon
-    return (g * _view(r, x)).to(x.device)
-
-
-def _forward_budget(model: nn.Module, deq: Mapping[str, Any]) -> int:
+def forward_budget(model: nn.Module, deq: Mapping[str, Any]) -> int:
+    """The forward solver budget of a call with overrides ``deq``: its ``f_max_iter``, else the model's
+    (1 for explicit models)."""
     if deq.get("f_max_iter"):
         return int(deq["f_max_iter"])
     layer = getattr(model, "deq", None)
@@ -191,7 +137,7 @@ def gradient_overrides(
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {', '.join(GRADIENTS)} or None (got {gradient!r})")
     if gradient == "unrolled":
-        out.update(backward="phantom", phantom_damping=1.0, phantom_steps=_forward_budget(model, out))
+        out.update(backward="phantom", phantom_damping=1.0, phantom_steps=forward_budget(model, out))
     else:
         out["backward"] = gradient
     return out
@@ -233,8 +179,9 @@ def input_gradient(
     return g, losses.detach(), deq_cost(out)
 
 
-class _EvalMode:
-    """Run the attack in eval mode (no buffer updates), restoring the previous mode afterwards."""
+class TemporaryEvalMode:
+    """``with TemporaryEvalMode(model):`` runs the block in eval mode (an attack updates no buffers) and
+    restores the model's previous mode afterwards."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -279,7 +226,7 @@ def _pgd(
         if cfg.norm == "linf":
             step = g.sign()
         else:
-            step = g / _view(g.flatten(1).norm(dim=1).clamp_min(_EPS), g)
+            step = g / per_sample(g.flatten(1).norm(dim=1).clamp_min(EPS), g)
         delta = project(delta + alpha * step, eps, cfg.norm)
         delta = (x + delta).clamp(lo, hi) - x
     return AttackResult((x + delta).detach(), losses, nf, nb)
@@ -302,7 +249,7 @@ def run_attack(
     replaces the random start (TRADES starts from a tiny Gaussian perturbation).
     """
     cfg.validate()
-    with _EvalMode(model):
+    with TemporaryEvalMode(model):
         if cfg.kind == "jiio":
             if loss_fn is not None:
                 raise ValueError("the jiio attack maximises the cross-entropy only; loss_fn is not supported")
@@ -347,65 +294,3 @@ def fgsm(
     """Fast gradient sign method ``x_adv = clip(x + ε·sign(∇_x L))`` (one L∞ PGD step, no random start)."""
     cfg = AttackConfig("fgsm", epsilon, "linf", 1, None, False, gradient, clamp)
     return run_attack(model, x, y, cfg, deq=deq, loss_fn=loss_fn).x_adv
-
-
-def _to_tensors(x: Any, y: Any, device: torch.device) -> tuple[Tensor, Tensor]:
-    xt = x if isinstance(x, Tensor) else torch.from_numpy(np.array(x, dtype=np.float32))
-    yt = y if isinstance(y, Tensor) else torch.from_numpy(np.array(y, dtype=np.int64))
-    return xt.to(device).float(), yt.to(device).long()
-
-
-def robust_accuracy(
-    model: nn.Module,
-    x: Any,
-    y: Any,
-    attack: AttackConfig,
-    *,
-    deq: Mapping[str, Any] | None = None,
-    attack_deq: Mapping[str, Any] | None = None,
-    predict: Callable[[Tensor], Tensor] | None = None,
-    batch_size: int = 256,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-) -> RobustStats:
-    """Clean and robust accuracy of ``model`` under ``attack`` (the attack sees ``model`` with ``deq``).
-
-    ``attack_deq`` (default ``deq``) gives the attack other DEQ settings than the evaluation, e.g. a
-    smaller forward budget to attack an intermediate state while predicting from the equilibrium.
-    ``predict(x) -> logits`` replaces ``model(x, **deq).logits`` for the final predictions on clean and
-    adversarial inputs (an inference-time defense such as entropy-reducing input updates); the attack
-    itself is computed on the undefended model.
-    """
-    device = torch.device(device)
-    model.to(device)
-    xt, yt = _to_tensors(x, y, device)
-    n = int(xt.shape[0])
-    if n == 0:
-        nan = float("nan")
-        return RobustStats(0, nan, nan, nan, nan, nan)
-    deq = dict(deq or {})
-    atk_deq = deq if attack_deq is None else {**deq, **dict(attack_deq)}
-    gen = torch.Generator().manual_seed(seed)
-
-    def _predict(xb: Tensor) -> Tensor:
-        if predict is not None:
-            return predict(xb)
-        with torch.no_grad():
-            return model(xb, **deq).logits
-
-    sums = np.zeros(5)  # clean correct, robust correct, clean loss, robust loss, perturbation
-    with _EvalMode(model):
-        for start in range(0, n, batch_size):
-            xb, yb = xt[start : start + batch_size], yt[start : start + batch_size]
-            res = run_attack(model, xb, yb, attack, deq=atk_deq, generator=gen)
-            clean = _predict(xb).detach()
-            adv = _predict(res.x_adv).detach()
-            sums += (
-                float((clean.argmax(1) == yb).sum()),
-                float((adv.argmax(1) == yb).sum()),
-                float(F.cross_entropy(clean, yb, reduction="sum")),
-                float(F.cross_entropy(adv, yb, reduction="sum")),
-                float(_norms(res.x_adv - xb, attack.norm).sum()),
-            )
-    s = sums / n
-    return RobustStats(n, s[0], s[1], s[2], s[3], s[4])

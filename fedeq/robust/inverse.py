@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedeq.models.core import MLPDEQ
+from fedeq.models.mlp_deq import MLPDEQ
 from fedeq.models.parts import DEQParts, deq_parts
 from fedeq.robust.jiio import InputProblem
-from fedeq.train.optim import Adam
 
 Tensor = torch.Tensor
 
@@ -34,7 +33,8 @@ __all__ = ["DEQDecoder", "inpainting_problem", "make_observation", "train_decode
 
 
 class DEQDecoder(nn.Module):
-    """``c ↦ x̂ = σ(V z* + d)`` with ``z* = tanh(W z* + U c + b)`` (an :class:`~fedeq.models.core.MLPDEQ` core)."""
+    """``c ↦ x̂ = σ(V z* + d)`` with ``z* = tanh(W z* + U c + b)``
+    (an :class:`~fedeq.models.mlp_deq.MLPDEQ` core)."""
 
     def __init__(
         self,
@@ -82,7 +82,7 @@ def train_decoder(
     flat = x.reshape(n, -1)
     enc = nn.Linear(flat.shape[1], code_dim)
     dec = DEQDecoder(code_dim, tuple(x.shape[1:]), hidden=hidden, **deq_settings)
-    opt = Adam([*enc.parameters(), *dec.parameters()], lr=lr)
+    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     dec.train()
     for _ in range(epochs):

@@ -17,7 +17,7 @@ since ``d/dx ℓ(z*(x), x) = ∂ℓ/∂x + J_xᵀ (I - J_zᵀ)^{-1} ∂ℓ/∂z`
 jointly, all terms evaluated at the current ``(z, λ, x)``: one evaluation of ``f`` and one vector-Jacobian
 product (for both ``J_zᵀλ`` and ``J_xᵀλ``) per iteration. Its fixed points are exactly the points that
 satisfy the three conditions above. The stacked state can be driven by plain iteration (``fixed_point``,
-optionally damped) or by Anderson acceleration (``anderson``), both from :mod:`fedeq.deq.solvers.core`.
+optionally damped) or by Anderson acceleration (``anderson``), both from :mod:`fedeq.deq.solvers`.
 
 The *naive loop* (:func:`naive_input_optimization`) solves the equilibrium and the adjoint to tolerance
 before every projected gradient step, so each step costs a full forward and backward solve.
@@ -37,9 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedeq.deq.solvers.core import solve
+from fedeq.deq.solvers import solve
 from fedeq.models.parts import deq_parts
-from fedeq.robust.attacks import AttackConfig, AttackResult, project, random_start
+from fedeq.robust.attacks import AttackConfig, AttackResult
+from fedeq.robust.ball import project, random_start
 
 Tensor = torch.Tensor
 

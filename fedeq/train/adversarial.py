@@ -29,20 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedeq.config.core import ADVERSARIAL_MODES
 from fedeq.deq.layer import DEQ
-from fedeq.deq.solvers.core import solve
-from fedeq.models.core import ModelOutput
+from fedeq.deq.solvers import solve
+from fedeq.models.base import ModelOutput
 from fedeq.models.parts import deq_parts, entropy
-from fedeq.robust.attacks import (
-    NORMS,
-    AttackConfig,
-    _EvalMode,
-    _forward_budget,
-    deq_cost,
-    project,
-    run_attack,
-)
+from fedeq.robust import NORMS, AttackConfig, TemporaryEvalMode, deq_cost, forward_budget, project, run_attack
 
 Tensor = torch.Tensor
 
@@ -56,6 +47,9 @@ __all__ = [
     "entropy_predictor",
     "entropy_reduced_inputs",
 ]
+
+ADVERSARIAL_MODES: tuple[str, ...] = ("none", "pgd", "trades")
+"""The local adversarial-training modes ``train.adversarial`` accepts."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +90,7 @@ class AdversarialConfig:
         return self
 
     def attack_config(self) -> AttackConfig:
-        """The inner maximisation as an :class:`~fedeq.robust.attacks.AttackConfig`."""
+        """The inner maximisation as an :class:`~fedeq.robust.AttackConfig`."""
         return AttackConfig(
             kind=self.attack,
             epsilon=float(self.epsilon),
@@ -162,7 +156,7 @@ def adversarial_step(
     acfg = cfg.attack_config()
     k_call = call
     if cfg.intermediate_states:
-        k_max = _forward_budget(model, call)
+        k_max = forward_budget(model, call)
         if k_max > 1 and isinstance(getattr(model, "deq", None), DEQ):
             k = int(torch.randint(1, k_max + 1, (1,), generator=generator))
             k_call = {**call, "f_max_iter": k}
@@ -258,7 +252,7 @@ def entropy_predictor(
     """``x ↦ logits`` with entropy-reducing input updates (for ``robust_accuracy(predict=...)``)."""
 
     def predict(x: Tensor) -> Tensor:
-        with _EvalMode(model):
+        with TemporaryEvalMode(model):
             return entropy_reduced_inputs(model, x, defense, deq)[1]
 
     return predict

@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedeq.data.core import load_dataset, to_tensors
-from fedeq.models.core import MLPDEQ, ConvDEQ
-from fedeq.train.local import evaluate, resolve_device, train_local
+from fedeq.data import load_dataset, to_tensors
+from fedeq.models import MLPDEQ, ConvDEQ
+from fedeq.train import evaluate, resolve_device, train_local
 
 Tensor = torch.Tensor
 

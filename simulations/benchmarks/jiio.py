@@ -3,7 +3,7 @@
 Two input problems on digits, each solved for a batch of test images by four methods sharing the same
 step ``α`` (so they target the same stationary points):
 
-- ``attack``: ``max_{x ∈ B∞(x₀, ε) ∩ [0,1]} CE(h(z*(x)), y)`` on a trained :class:`~fedeq.models.core.MLPDEQ`
+- ``attack``: ``max_{x ∈ B∞(x₀, ε) ∩ [0,1]} CE(h(z*(x)), y)`` on a trained :class:`~fedeq.models.MLPDEQ`
   (written as minimising ``-CE``); ``α_i = 0.25·ε / mean_j |∇_x CE_i(x₀)|``.
 - ``inpainting``: ``min_c ½||M ⊙ (x̂(c) - y)||² + ½μ||c||²`` over the code of a trained
   :class:`~fedeq.robust.inverse.DEQDecoder` (half of the pixels missing, noise 0.1).
@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fedeq.data.core import load_dataset  # noqa: E402
-from fedeq.models.core import MLPDEQ  # noqa: E402
+from fedeq.data import load_dataset  # noqa: E402
+from fedeq.models import MLPDEQ  # noqa: E402
 from fedeq.models.parts import deq_parts  # noqa: E402
 from fedeq.robust.inverse import inpainting_problem, make_observation, train_decoder  # noqa: E402
 from fedeq.robust.jiio import (  # noqa: E402
@@ -50,7 +50,7 @@ from fedeq.robust.jiio import (  # noqa: E402
     solve_objective,
     solve_state_and_adjoint,
 )
-from fedeq.train.local import train_local  # noqa: E402
+from fedeq.train import train_local  # noqa: E402
 
 
 def attack_problem(args: argparse.Namespace) -> tuple[InputProblem, torch.Tensor, torch.Tensor]:

@@ -1,7 +1,14 @@
-"""Datasets (registered in :data:`fedeq.registry.DATASETS`)."""
+"""Datasets (registered in :data:`fedeq.registry.DATASETS`): one module per dataset.
 
-from fedeq.data import core
-from fedeq.registry import DATASETS
+Importing this package registers the built-ins, in this order: ``digits``, ``mnist5k``, ``npz``. Each
+module is light: the libraries a dataset reads with are imported when it is loaded.
+"""
 
-for _name in core.DATASETS:
-    DATASETS.register(_name, _name)
+from fedeq.data.datasets import digits as _digits  # noqa: I001  (import order = registration order)
+from fedeq.data.datasets import mnist5k as _mnist5k
+from fedeq.data.datasets import npz as _npz
+from fedeq.data.datasets.base import DatasetSource, LabelledImages
+
+__all__ = ["DatasetSource", "LabelledImages"]
+
+del _digits, _mnist5k, _npz

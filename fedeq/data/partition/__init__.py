@@ -1,7 +1,15 @@
-"""Partitioners (registered in :data:`fedeq.registry.PARTITIONERS`)."""
+"""Partitioners (registered in :data:`fedeq.registry.PARTITIONERS`): one module per scheme.
 
-from fedeq.data import core
-from fedeq.registry import PARTITIONERS
+Importing this package registers the built-ins, in this order: ``iid``, ``dirichlet``, ``shards``. They
+run Flower Datasets partitioners (:mod:`~fedeq.data.partition.flower`), imported when a dataset is
+partitioned, so a process that is handed its partitions never loads Flower Datasets.
+"""
 
-for _name in core.PARTITION_SCHEMES:
-    PARTITIONERS.register(_name, _name)
+from fedeq.data.partition import iid as _iid  # noqa: I001  (import order = registration order)
+from fedeq.data.partition import dirichlet as _dirichlet
+from fedeq.data.partition import shards as _shards
+from fedeq.data.partition.base import PartitionScheme, PartitionTask, partition_indices
+
+__all__ = ["PartitionScheme", "PartitionTask", "partition_indices"]
+
+del _iid, _dirichlet, _shards

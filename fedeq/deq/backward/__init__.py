@@ -1,7 +1,37 @@
-"""Backward modes (registered in :data:`fedeq.registry.BACKWARDS`)."""
+"""Backward modes of the DEQ, registered in :data:`fedeq.registry.BACKWARDS`.
 
-from fedeq.deq import layer
-from fedeq.registry import BACKWARDS
+A backward mode is a :class:`Backward` subclass in its own module, decorated with
+``@BACKWARDS.register("name")``; ``requires_solver`` names the forward solver it needs (read by
+:func:`required_solver` and :func:`check_backward_solver`, which settings and config validation call).
+"""
 
-for _name in layer.BACKWARD_MODES:
-    BACKWARDS.register(_name, _name)
+from fedeq.deq.backward.base import (
+    Backward,
+    BackwardStats,
+    check_backward_solver,
+    get_backward,
+    required_solver,
+)
+
+# Built-ins register themselves on import, in the order that messages list them.
+# isort: off
+from fedeq.deq.backward.ift import IFT, solve_backward
+from fedeq.deq.backward.phantom import Phantom, phantom_unroll
+from fedeq.deq.backward.jfb import JFB
+from fedeq.deq.backward.broyden_reuse import BroydenReuse
+
+# isort: on
+
+__all__ = [
+    "IFT",
+    "JFB",
+    "Backward",
+    "BackwardStats",
+    "BroydenReuse",
+    "Phantom",
+    "check_backward_solver",
+    "get_backward",
+    "phantom_unroll",
+    "required_solver",
+    "solve_backward",
+]

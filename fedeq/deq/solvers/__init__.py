@@ -1,7 +1,33 @@
-"""Fixed-point solvers (registered in :data:`fedeq.registry.SOLVERS`)."""
+"""Batched fixed-point solvers, registered in :data:`fedeq.registry.SOLVERS`.
 
-from fedeq.deq.solvers import core
-from fedeq.registry import SOLVERS
+``solve(f, z0, solver, max_iter, tol, stop_mode, **options)`` runs the solver registered as ``solver``
+(built with ``options``), or a :class:`Solver` object, in the one loop of :mod:`.iterate`; its conventions
+(exact budgets, best candidate, per-sample stopping, divergence) hold for every solver. A new solver is a
+:class:`Solver` subclass in its own module, decorated with ``@SOLVERS.register("name")``.
+"""
 
-for _name, _fn in core.SOLVERS.items():
-    SOLVERS.register(_name, _fn)
+from fedeq.deq.solvers.base import STOP_MODES, Solver, SolverStats, check_solver_args
+from fedeq.deq.solvers.iterate import Tracker, get_solver, solve
+
+# Built-ins register themselves on import, in the order that messages list them.
+# isort: off
+from fedeq.deq.solvers.fixed_point import FixedPoint
+from fedeq.deq.solvers.anderson import Anderson
+from fedeq.deq.solvers.broyden import Broyden, BroydenFactors, broyden_transpose_apply
+
+# isort: on
+
+__all__ = [
+    "STOP_MODES",
+    "Anderson",
+    "Broyden",
+    "BroydenFactors",
+    "FixedPoint",
+    "Solver",
+    "SolverStats",
+    "Tracker",
+    "broyden_transpose_apply",
+    "check_solver_args",
+    "get_solver",
+    "solve",
+]

@@ -2,7 +2,7 @@
 
 Flower's SuperLink and SuperNodes spawn helpers of their own (``flower-superexec``, then one
 ``flwr-serverapp`` / ``flwr-clientapp`` process per task), some in a new session. :class:`ProcessRegistry`
-therefore stops a process *tree*: it snapshots the descendants of the pid it started (from ``/proc``), sends
+therefore stops a process *tree*: it snapshots the descendants of the pid it started (with psutil), sends
 SIGTERM to the root and the descendants, waits, and sends SIGKILL to whatever is left. Nothing is looked up
 by name. :func:`signals_raise` turns SIGINT/SIGTERM/SIGHUP into an exception so ``finally`` blocks (and the
 registry's context manager) run on Ctrl-C, on ``kill`` and on failure alike.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,11 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import psutil
+
 __all__ = [
     "Interrupted",
     "ManagedProcess",
     "ProcessRegistry",
     "descendants",
+    "kill_tree",
     "pid_alive",
     "signals_raise",
 ]
@@ -70,53 +72,33 @@ def _in_main_thread() -> bool:
 def pid_alive(pid: int) -> bool:
     """Whether ``pid`` exists and is not a zombie."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    stat = Path(f"/proc/{pid}/stat")
-    if stat.exists():
-        try:
-            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except (OSError, IndexError):
-            return False
-    return True
-
-
-def _parent_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return children
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    return children
 
 
 def descendants(pid: int) -> list[int]:
-    """All descendants of ``pid`` (children first), from ``/proc``; empty where ``/proc`` is missing."""
-    tree = _parent_map()
-    out: list[int] = []
-    todo = list(tree.get(pid, []))
-    while todo:
-        child = todo.pop(0)
-        if child in out or child == pid:
-            continue
-        out.append(child)
-        todo.extend(tree.get(child, []))
-    return out
+    """All live descendants of ``pid`` (children first); empty when ``pid`` is gone."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
+    return [child.pid for child in children if child.pid != pid]
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> list[int]:
+    """Send ``sig`` to ``pid`` and every descendant of it at once; return the pids signalled."""
+    tree = [pid, *descendants(pid)]
+    for member in tree:
+        _signal(member, sig)
+    return tree
 
 
 def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
+    with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+        psutil.Process(pid).send_signal(sig)
 
 
 @dataclass
@@ -210,8 +192,7 @@ class ProcessRegistry:
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to process ``name`` and all its descendants at once (simulates a crash)."""
         proc = self.get(name)
-        for pid in [proc.pid, *descendants(proc.pid)]:
-            _signal(pid, sig)
+        kill_tree(proc.pid, sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.popen.wait(timeout=10)
 

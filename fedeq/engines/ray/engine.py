@@ -14,9 +14,12 @@ import ray
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedeq.config.core import assign_tiers, to_run_config
-from fedeq.data.core import client_dataset, client_partitions, install_partitions
-from fedeq.engines.ray.grid import RayGrid, pool_sizes, start_ray
+from fedeq.config import to_run_config
+from fedeq.data import client_dataset, client_partitions, install_partitions
+from fedeq.devices.assign import assign_tiers
+from fedeq.engines.ray.cluster import start_ray
+from fedeq.engines.ray.grid import RayGrid
+from fedeq.engines.ray.pools import pool_sizes
 from fedeq.server.app import run_server
 
 RUN_ID = 1

@@ -11,6 +11,9 @@ starts it without a round trip through the driver. A call that runs past ``call_
 seconds is answered with an error reply and its actor is killed and replaced; a crashed actor is replaced
 too; calls queued behind either go back to the pool's queue. Data the driver prepares once (the partitions)
 reaches every actor through :meth:`RayGrid.set_actor_setup`.
+
+The actor is :class:`~fedeq.engines.ray.worker.ClientWorker`; pools and their sizes are in
+:mod:`fedeq.engines.ray.pools`.
 """
 
 from __future__ import annotations
@@ -20,137 +23,25 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 from uuid import uuid4
 
 import ray
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+
+from fedeq.engines.ray.cluster import start_ray
+from fedeq.engines.ray.pools import Call, TierPool, pool_sizes
+from fedeq.engines.ray.worker import ClientWorker
+
+__all__ = ["NODE_ID_OFFSET", "ClientWorker", "RayGrid", "pool_sizes", "start_ray"]
 
 _ACTOR_DIED = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)
 
 NODE_ID_OFFSET = 1_000_000
 """Node ids are ``NODE_ID_OFFSET + partition id``: stable across runs, so a resumed run samples alike."""
-
-
-@ray.remote
-class ClientWorker:
-    """A long-lived process that runs the ClientApp for any node of its tier.
-
-    The run config is sent once, when the actor starts, not with every call.
-    """
-
-    def __init__(self, app_ref: str, num_threads: int, run_config: dict | None = None) -> None:
-        import importlib
-
-        import torch
-
-        torch.set_num_threads(max(1, num_threads))
-        module, _, attr = app_ref.partition(":")
-        self.app = getattr(importlib.import_module(module), attr)
-        self.run_config = dict(run_config or {})
-        self.states: dict[int, RecordDict] = {}
-        self.calls = 0
-        self.busy_s = 0.0
-        self.cpu_s = 0.0
-        self.first_call_s: float | None = None
-
-    def ready(self) -> bool:
-        return True
-
-    def setup(self, setup: tuple[Any, tuple]) -> Any:
-        """Run ``function(*args)`` of a picklable ``(function, args)`` pair in this process."""
-        function, args = setup
-        return function(*args)
-
-    def handle(self, message: Message, node_id: int, node_config: dict, run_id: int) -> Message:
-        t0, c0 = time.perf_counter(), time.process_time()
-        state = self.states.setdefault(node_id, RecordDict())
-        context = Context(
-            run_id=run_id, node_id=node_id, node_config=node_config, state=state, run_config=self.run_config
-        )
-        try:
-            return self.app(message, context)
-        except Exception as err:  # noqa: BLE001 - a client failure becomes an error reply
-            return Message(
-                Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}"), reply_to=message
-            )
-        finally:
-            elapsed = time.perf_counter() - t0
-            self.calls += 1
-            self.busy_s += elapsed
-            self.cpu_s += time.process_time() - c0
-            if self.first_call_s is None:
-                self.first_call_s = elapsed
-
-    def stats(self) -> dict[str, Any]:
-        """Calls served, wall and CPU seconds spent inside the ClientApp, this process's memory (bytes)."""
-        memory = {}
-        try:
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith(("VmRSS:", "VmHWM:")):
-                        memory[line.split(":")[0]] = int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return {
-            "pid": os.getpid(),
-            "calls": self.calls,
-            "busy_s": self.busy_s,
-            "cpu_s": self.cpu_s,
-            "first_call_s": self.first_call_s,
-            "rss_bytes": memory.get("VmRSS"),
-            "peak_rss_bytes": memory.get("VmHWM"),
-        }
-
-
-@dataclass(eq=False)
-class _Call:
-    message: Message
-    pool: _TierPool
-    actor: Any = None
-    ref: Any = None
-    ready_ref: Any = None
-    """For a fresh actor: resolves when it has started; the call's time limit counts from then."""
-    started: float | None = None
-    """When the call began to run; ``None`` while it waits for its actor or for the call ahead of it."""
-
-    @property
-    def mid(self) -> str:
-        return self.message.metadata.message_id
-
-
-@dataclass
-class _TierPool:
-    name: str
-    options: dict[str, Any]
-    size: int
-    num_threads: int
-    actors: list[Any] = field(default_factory=list)
-    warm: set = field(default_factory=set)
-    idle: deque = field(default_factory=deque)
-    queue: deque = field(default_factory=deque)
-    lines: dict[Any, deque] = field(default_factory=dict)
-    """The calls sent to each actor, in the order it runs them (the first one is running)."""
-    replaced: int = 0
-
-
-def pool_sizes(tiers: Sequence[Any], total_cpus: float, actors_per_tier: int | None = None) -> list[int]:
-    """Actors per tier: ``actors_per_tier`` when given; else a GPU tier gets ``1 / num_gpus`` actors
-    (its clients share the GPU) and a CPU tier its share of ``total_cpus`` at ``num_cpus`` per actor, >= 1."""
-    sizes = []
-    for t in tiers:
-        if actors_per_tier is not None:
-            sizes.append(int(actors_per_tier))
-        elif t.num_gpus > 0:
-            sizes.append(max(1, int(round(1.0 / t.num_gpus))))
-        else:
-            share = float(t.share) if t.share else 1.0 / len(tiers)
-            sizes.append(max(1, int(total_cpus * share // max(t.num_cpus, 1e-9))))
-    return sizes
 
 
 class RayGrid(Grid):
@@ -206,10 +97,10 @@ class RayGrid(Grid):
             memory_mb = getattr(tier, "memory_mb", None)
             if memory_mb:
                 options["memory"] = int(memory_mb * 2**20)
-            self.pools.append(_TierPool(tier.name, options, size, max(1, int(math.ceil(tier.num_cpus)))))
+            self.pools.append(TierPool(tier.name, options, size, max(1, int(math.ceil(tier.num_cpus)))))
         if actor_setup is not None:
             self.set_actor_setup(*actor_setup)
-        self.pending: dict[str, _Call] = {}
+        self.pending: dict[str, Call] = {}
         self.done: dict[str, Message] = {}
 
     # ------------------------------------------------------------------ Grid interface
@@ -254,7 +145,7 @@ class RayGrid(Grid):
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = str(uuid4())
             pool = self.pools[self.node_tiers[self.partition_of(msg.metadata.dst_node_id)]]
-            call = _Call(msg, pool)
+            call = Call(msg, pool)
             self.pending[msg.metadata.message_id] = call
             pool.queue.append(call)
             ids.append(msg.metadata.message_id)
@@ -296,7 +187,7 @@ class RayGrid(Grid):
             for actor in pool.actors:
                 actor.setup.remote(self._setup)
 
-    def _new_actor(self, pool: _TierPool) -> Any:
+    def _new_actor(self, pool: TierPool) -> Any:
         actor = ClientWorker.options(**pool.options).remote(self.app_ref, pool.num_threads, self.run_config)
         if self._setup is not None:
             actor.setup.remote(self._setup)
@@ -324,7 +215,7 @@ class RayGrid(Grid):
                     if len(pool.lines.get(actor, ())) == depth:
                         self._submit(pool.queue.popleft(), actor)
 
-    def _submit(self, call: _Call, actor: Any) -> None:
+    def _submit(self, call: Call, actor: Any) -> None:
         pool = call.pool
         line = pool.lines.setdefault(actor, deque())
         node = int(call.message.metadata.dst_node_id)
@@ -386,7 +277,7 @@ class RayGrid(Grid):
                         )
         self._dispatch()
 
-    def _actor_died(self, call: _Call, err: Exception) -> None:
+    def _actor_died(self, call: Call, err: Exception) -> None:
         """``call``'s actor died. It ran its calls in order: those ahead of ``call`` may have finished; the
         first one that did not was running and fails; the ones after it never ran and go back to the queue."""
         line = list(call.pool.lines.get(call.actor, ())) or [call]
@@ -412,11 +303,11 @@ class RayGrid(Grid):
         )
 
     @staticmethod
-    def _place_in_line(call: _Call) -> int:
+    def _place_in_line(call: Call) -> int:
         line = call.pool.lines.get(call.actor, ())
         return line.index(call) if call in line else 0
 
-    def _next_in_line(self, call: _Call) -> None:
+    def _next_in_line(self, call: Call) -> None:
         """``call`` ended on its actor: the next call queued there starts now, or the actor is free."""
         pool, actor = call.pool, call.actor
         line = pool.lines.get(actor)
@@ -430,12 +321,12 @@ class RayGrid(Grid):
         elif actor in pool.actors:
             pool.idle.append(actor)
 
-    def _finish(self, call: _Call, reply: Message) -> None:
+    def _finish(self, call: Call, reply: Message) -> None:
         if self.pending.pop(call.mid, None) is not None:
             self.done[call.mid] = reply
         call.ref = None
 
-    def _replace(self, call: _Call, kill: bool = True) -> None:
+    def _replace(self, call: Call, kill: bool = True) -> None:
         """Retire ``call``'s actor (killing it if still alive) and let the pool start a fresh one.
 
         Calls queued behind ``call`` on that actor never ran: they go back to the front of the pool's queue.
@@ -489,23 +380,3 @@ class RayGrid(Grid):
             pool.actors.clear()
             pool.idle.clear()
             pool.lines.clear()
-
-
-def start_ray(address: str | None = None, num_cpus: float | None = None, quiet: bool = True) -> None:
-    """Connect to the Ray cluster at ``address``, or start a local one (no dashboard).
-
-    Locally the logical CPU count is at least what the tiers' pools ask for, so every pool can hold its
-    actors (several per physical core, each with its own thread budget).
-    """
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    kwargs: dict[str, Any] = {
-        "include_dashboard": False,
-        "log_to_driver": not quiet,
-        "configure_logging": False,
-    }
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)

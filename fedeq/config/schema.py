@@ -1,0 +1,236 @@
+"""The ``fedeq simulate`` configuration schema (:class:`FedeqConfig` at the root).
+
+Its defaults are the embedded default run: the ``digits`` data set split over 20 clients with a
+Dirichlet(0.5) partition, four device tiers with solver budgets from 2 to 30 iterations, and 20 rounds.
+Names of registered things (engine, data set, partitioner, model family, solver, backward mode) are
+checked against :mod:`fedeq.registry` when a config is validated.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from fedeq.config.rules import Float, Int, Section, StrKeys, check_range, problem, registered_name
+from fedeq.config.tiers import DevicesConfig, check_client_ids
+from fedeq.registry import DATASETS, ENGINES, MODELS, PARTITIONERS
+
+__all__ = [
+    "AdversarialMode",
+    "AttackNorm",
+    "DataConfig",
+    "Device",
+    "EvalConfig",
+    "FaultConfig",
+    "FedeqConfig",
+    "MaskPattern",
+    "ModelConfig",
+    "Optimizer",
+    "RayConfig",
+    "StopMode",
+    "StrategyConfig",
+    "TrainConfig",
+]
+
+StopMode = Literal["abs", "rel"]
+MaskPattern = Literal["unstructured", "row"]
+Optimizer = Literal["adam", "sgd"]
+Device = Literal["auto", "cpu", "cuda"]
+AdversarialMode = Literal["none", "pgd", "trades"]
+AttackNorm = Literal["linf", "l2"]
+
+_STRATEGY_NAME_RE = re.compile(r"^[A-Za-z_]\w*$|^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$", re.ASCII)
+
+
+class DataConfig(Section):
+    """Data set and its partition over clients."""
+
+    name: registered_name(DATASETS) = "digits"  # type: ignore[valid-type]
+    path: str | None = None
+    test_path: str | None = None
+    test_fraction: Float = Field(0.2, gt=0, lt=1)
+    val_fraction: Float = Field(0.1, ge=0, lt=1)
+    partition: registered_name(PARTITIONERS) = "dirichlet"  # type: ignore[valid-type]
+    alpha: Float = Field(0.5, gt=0)
+    labels_per_client: Int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _npz_needs_path(self) -> DataConfig:
+        if self.name == "npz" and not self.path:
+            allowed = "path to an .npz file"
+            raise problem("data.name=npz requires a path", allowed, at=("path",), got=self.path)
+        return self
+
+
+class ModelConfig(Section):
+    """Model family and its size / solver tolerance."""
+
+    name: registered_name(MODELS) = "mlp_deq"  # type: ignore[valid-type]
+    hidden: Int = Field(64, ge=1)
+    channels: Int = Field(16, ge=1)
+    depth: Int = Field(3, ge=1)
+    tol: Float = Field(1e-4, gt=0)
+    stop_mode: StopMode = "rel"
+    monotone_m: Float = Field(0.1, gt=0, le=1)
+    """mondeq: strong-monotonicity margin m of W = (1 - m) I - AᵀA + B - Bᵀ."""
+    mask_density: Float = Field(0.5, gt=0, le=1)
+    """tied_sparse: fraction of kept weights in each layer's mask."""
+    mask_pattern: MaskPattern = "unstructured"
+    """tied_sparse: unstructured (entries) | row (output units)."""
+    mask_seed: Int = Field(0, ge=0)
+    """tied_sparse: seed of the per-layer masks."""
+
+
+class TrainConfig(Section):
+    """Local training hyper-parameters."""
+
+    local_epochs: Int = Field(3, ge=1)
+    lr: Float = Field(0.01, gt=0)
+    batch_size: Int = Field(32, ge=1)
+    optimizer: Optimizer = "adam"
+    weight_decay: Float = Field(0.0, ge=0)
+    device: Device = "auto"
+    jac_reg: Float = Field(0.0, ge=0)
+    jac_reg_samples: Int = Field(1, ge=1)
+    randomize_budget: bool = False
+    proximal_mu: Float = Field(0.0, ge=0)
+    adversarial: AdversarialMode = "none"
+    """Local adversarial training: ``none`` | ``pgd`` (PGD-AT) | ``trades``."""
+    epsilon: Float = 0.1
+    """Attack radius: >= 0, and > 0 with adversarial training."""
+    attack_steps: Int = Field(5, ge=1)
+    attack_step_size: Float | None = Field(None, gt=0)
+    """PGD step; ``null`` = 2.5·epsilon/attack_steps."""
+    attack_norm: AttackNorm = "linf"
+    trades_beta: Float = Field(6.0, ge=0)
+    intermediate_states: bool = False
+    """Compute the (adversarial) loss at a random intermediate solver state."""
+
+    @model_validator(mode="after")
+    def _epsilon(self) -> TrainConfig:
+        check_range(self.epsilon, 0.0, low_open=self.adversarial != "none", at=("epsilon",))
+        return self
+
+
+class StrategyConfig(Section):
+    """Server strategy: a built-in name or ``package.module:ClassName`` plus constructor kwargs."""
+
+    name: str = "quality"
+    kwargs: StrKeys = Field(default_factory=dict)
+    fraction_evaluate: Float = Field(0.0, ge=0, le=1)
+    min_available_nodes: Int | None = None
+    """Connected nodes a round waits for before sampling (null: ``num_clients``; else in 1..num_clients);
+    lower it on a real deployment so rounds go on after a device dropped out."""
+    round_timeout_s: Float | None = Field(None, gt=0)
+    """Seconds the server waits for a round's replies (null: Flower's default of 3600)."""
+
+    @field_validator("name")
+    @classmethod
+    def _name_form(cls, name: str) -> str:
+        if not _STRATEGY_NAME_RE.match(name):
+            allowed = "a built-in name (identifier) or package.module:ClassName"
+            raise problem("malformed strategy name", allowed)
+        return name
+
+
+class EvalConfig(Section):
+    """Evaluation settings: the solver budgets (forward iterations) to evaluate at."""
+
+    budgets: list[Annotated[Int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+
+    @field_validator("budgets")
+    @classmethod
+    def _at_least_one(cls, budgets: list[Int]) -> list[Int]:
+        if not budgets:
+            raise problem("at least one budget is required", "a non-empty list of integers >= 1", got=[])
+        return budgets
+
+
+class RayConfig(Section):
+    """Ray settings for the ``ray`` engine (``address=None`` starts a local cluster).
+
+    ``actors_per_tier`` fixes every tier's actor pool size (default: the tier's share of the CPUs, at
+    least one); ``call_timeout_s`` is the wall-clock limit of one client call (its actor is replaced);
+    ``num_cpus`` sets the logical CPUs of a local cluster (default: enough for every pool).
+    """
+
+    address: str | None = None
+    actors_per_tier: Int | None = Field(None, ge=1)
+    call_timeout_s: Float | None = Field(None, gt=0)
+    num_cpus: Float | None = Field(None, gt=0)
+
+    @field_validator("address")
+    @classmethod
+    def _address_not_empty(cls, address: str | None) -> str | None:
+        if address is not None and not address:
+            raise problem("must not be empty", "null (local cluster) or an address such as auto")
+        return address
+
+
+class FaultConfig(Section):
+    """Fault injection: the probability that a client call raises, hangs for ``hang_s`` seconds, or
+    returns NaN weights (drawn per call from the run seed, round and partition)."""
+
+    raise_p: Float = Field(0.0, ge=0, le=1)
+    hang_p: Float = Field(0.0, ge=0, le=1)
+    nan_p: Float = Field(0.0, ge=0, le=1)
+    hang_s: Float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _total(self) -> FaultConfig:
+        total = self.raise_p + self.hang_p + self.nan_p
+        if total > 1.0 + 1e-9:
+            raise problem(
+                "fault probabilities must sum to at most 1", "raise_p + hang_p + nan_p <= 1", got=total
+            )
+        return self
+
+
+class FedeqConfig(Section):
+    """Root of the ``fedeq simulate`` configuration."""
+
+    seed: Int = Field(0, ge=0)
+    rounds: Int = Field(20, ge=1)
+    num_clients: Int = Field(20, ge=1)
+    clients_per_round: Int = 10
+    """In 1..num_clients."""
+    engine: registered_name(ENGINES) = "ray"  # type: ignore[valid-type]
+    output_dir: str = "outputs"
+    run_name: str | None = None
+    plugins: list[str] = Field(default_factory=list)
+    """Modules (``my_pkg.cells``) or ``.py`` files imported before validation, so what they register
+    can be named in this config; relative file paths are stored absolute."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    devices: DevicesConfig = Field(default_factory=DevicesConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    faults: FaultConfig = Field(default_factory=FaultConfig)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, output_dir: str) -> str:
+        if not output_dir:
+            raise problem("must not be empty", "a directory path")
+        return output_dir
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name(cls, name: str | None) -> str | None:
+        if name is not None and (not name or name in (".", "..") or re.search(r"[/\\]", name)):
+            raise problem("not a valid directory name", "null or a name without path separators")
+        return name
+
+    @model_validator(mode="after")
+    def _client_counts(self) -> FedeqConfig:
+        n = self.num_clients
+        check_range(self.clients_per_round, 1, max(n, 1), integer=True, at=("clients_per_round",))
+        if self.strategy.min_available_nodes is not None:
+            at = ("strategy", "min_available_nodes")
+            check_range(self.strategy.min_available_nodes, 1, n, integer=True, at=at)
+        check_client_ids(self.devices.tiers, n, at=("devices", "tiers"))
+        return self

@@ -1,0 +1,156 @@
+"""Loading a dataset by name: the seeded train/test split, and the per-process cache of loaded datasets.
+
+Datasets are loaded once per process and cached (many simulated clients share one process). Cached arrays
+are marked read-only so that no client can corrupt the shared copy; index them (which copies) before
+mutating. Engines with long-lived worker processes load a dataset once and install it in every worker
+(:func:`install_dataset`, through :func:`fedeq.data.install_partitions`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedeq.data.datasets.base import DatasetSource
+from fedeq.registry import DATASETS
+
+__all__ = [
+    "DatasetKey",
+    "DatasetSplits",
+    "dataset_key",
+    "install_dataset",
+    "load_dataset",
+    "split_train_test",
+    "uninstall_datasets",
+]
+
+DatasetKey = tuple[str, str | None, str | None, float, int]
+"""``(name, path, test_path, test_fraction, seed)`` checked and normalised by :func:`dataset_key`."""
+
+
+@dataclass(frozen=True, eq=False)
+class DatasetSplits:
+    """A dataset with a held-out test split; images are float32 (N, C, H, W), labels int64 (N,)."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Per-example shape (C, H, W)."""
+        c, h, w = self.x_train.shape[1:]
+        return int(c), int(h), int(w)
+
+    @property
+    def num_features(self) -> int:
+        """Flattened per-example size C*H*W."""
+        return int(math.prod(self.input_shape))
+
+
+def load_dataset(
+    name: str,
+    path: str | None = None,
+    test_path: str | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> DatasetSplits:
+    """Load a registered dataset (``digits``, ``mnist5k``, ``npz``, ...) with a seeded, stratified test
+    split; cached per arguments.
+
+    ``path``/``test_path`` are used only by datasets that read files (``npz``); ``test_fraction`` is
+    ignored when ``test_path`` is given. Calls with equivalent arguments return the very same (read-only)
+    object: the one that :func:`install_dataset` installed in this process, if any.
+    """
+    key = dataset_key(name, path, test_path, test_fraction, seed)
+    installed = _INSTALLED_DATASETS.get(key)
+    return installed if installed is not None else _load_dataset_cached(*key)
+
+
+def dataset_key(
+    name: str, path: str | None, test_path: str | None, test_fraction: float, seed: int
+) -> DatasetKey:
+    """The arguments of :func:`load_dataset`, checked and normalised (absolute paths, unused fraction 0)."""
+    key_name = str(name).strip().lower()
+    if key_name not in DATASETS:
+        raise ValueError(f"data.name: unknown dataset '{name}'; allowed: {', '.join(DATASETS.names())}")
+    if _source(key_name).reads_path:
+        if not path:
+            raise ValueError(f"data.path: required for dataset '{key_name}'")
+        key_path: str | None = os.path.abspath(os.path.expanduser(str(path)))
+        key_test = os.path.abspath(os.path.expanduser(str(test_path))) if test_path else None
+    else:
+        key_path, key_test = None, None
+    if key_test is None:
+        tf = float(test_fraction)
+        if not 0.0 < tf < 1.0:
+            raise ValueError(f"data.test_fraction: must be in (0, 1), got {test_fraction}")
+    else:
+        tf = 0.0
+    return key_name, key_path, key_test, tf, int(seed)
+
+
+def install_dataset(key: DatasetKey, splits: DatasetSplits) -> None:
+    """Make :func:`load_dataset` return ``splits`` (frozen here) for ``key`` in this process."""
+    if not isinstance(splits, DatasetSplits):
+        raise TypeError(f"install_dataset: splits must be DatasetSplits, got {type(splits).__name__}")
+    for a in (splits.x_train, splits.y_train, splits.x_test, splits.y_test):
+        a.flags.writeable = False
+    _INSTALLED_DATASETS[key] = splits
+
+
+def uninstall_datasets() -> None:
+    """Forget every dataset :func:`install_dataset` installed in this process."""
+    _INSTALLED_DATASETS.clear()
+
+
+_INSTALLED_DATASETS: dict[DatasetKey, DatasetSplits] = {}
+"""Datasets handed to this process by :func:`install_dataset`, keyed by :func:`dataset_key`."""
+
+
+def _source(name: str) -> DatasetSource:
+    return DATASETS.get(name)()
+
+
+@functools.lru_cache(maxsize=16)
+def _load_dataset_cached(
+    name: str, path: str | None, test_path: str | None, test_fraction: float, seed: int
+) -> DatasetSplits:
+    source = _source(name)
+    images = source.load(path, test_path) if source.reads_path else source.load(None, None)
+    if images.x_test is None or images.y_test is None:
+        x_train, x_test, y_train, y_test = split_train_test(images.x, images.y, test_fraction, seed)
+    else:
+        x_train, y_train, x_test, y_test = images.x, images.y, images.x_test, images.y_test
+    num_classes = int(max(y_train.max(initial=-1), y_test.max(initial=-1))) + 1
+    arrays = [np.ascontiguousarray(a) for a in (x_train, y_train, x_test, y_test)]
+    for a in arrays:
+        a.flags.writeable = False
+    return DatasetSplits(name, *arrays, num_classes=num_classes)
+
+
+def split_train_test(
+    x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded train/test split ``(x_train, x_test, y_train, y_test)``, stratified by label when feasible."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        parts = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
+    except ValueError:
+        warnings.warn(
+            "data: a stratified test split is not possible (too few examples of some class); "
+            "falling back to an unstratified split",
+            stacklevel=3,
+        )
+        parts = train_test_split(x, y, test_size=test_fraction, random_state=seed)
+    x_train, x_test, y_train, y_test = parts
+    return x_train, x_test, y_train, y_test

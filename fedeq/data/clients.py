@@ -1,0 +1,282 @@
+"""One client's view of the data: its partition, its local validation split, tensors and batches.
+
+The training split of a dataset (:func:`fedeq.data.load_dataset`) is partitioned across clients
+(:func:`fedeq.data.partition_indices`) once per process and cached. Engines with long-lived worker
+processes load and partition once and install both in every worker (:func:`install_partitions`).
+scikit-learn, ``datasets`` and Flower Datasets are imported only where a dataset is split or partitioned,
+so a worker given both never loads them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedeq.data.base import DatasetSplits, dataset_key, install_dataset, load_dataset, uninstall_datasets
+from fedeq.data.partition.base import partition_indices
+
+__all__ = [
+    "ClientData",
+    "batches",
+    "client_dataset",
+    "client_partitions",
+    "install_partitions",
+    "load_client_data",
+    "partition_dataset",
+    "partition_sizes",
+    "to_tensors",
+    "uninstall_partitions",
+]
+
+
+def partition_dataset(
+    name: str,
+    path: str | None,
+    test_path: str | None,
+    test_fraction: float,
+    num_partitions: int,
+    scheme: str,
+    alpha: float = 0.5,
+    labels_per_client: int = 2,
+    seed: int = 0,
+    min_partition_size: int = 2,
+) -> tuple[np.ndarray, ...]:
+    """Partition the training split of a dataset (see :func:`load_dataset`); cached per arguments.
+
+    Returns one read-only int64 index array (into ``x_train``) per partition.
+    """
+    splits = load_dataset(name, path, test_path, test_fraction, seed)
+    return _partition_cached(
+        splits,
+        int(num_partitions),
+        str(scheme).strip().lower(),
+        float(alpha),
+        int(labels_per_client),
+        int(seed),
+        int(min_partition_size),
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _partition_cached(
+    splits: DatasetSplits,
+    num_partitions: int,
+    scheme: str,
+    alpha: float,
+    labels_per_client: int,
+    seed: int,
+    min_partition_size: int,
+) -> tuple[np.ndarray, ...]:
+    # ``splits`` is itself a cached object, so hashing it by identity keys on the dataset arguments.
+    parts = partition_indices(
+        splits.y_train,
+        num_partitions,
+        scheme,
+        alpha=alpha,
+        labels_per_client=labels_per_client,
+        seed=seed,
+        min_partition_size=min_partition_size,
+    )
+    for p in parts:
+        p.flags.writeable = False
+    return tuple(parts)
+
+
+@dataclass
+class ClientData:
+    """One client's local train/validation arrays."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+    @property
+    def num_train(self) -> int:
+        """Number of local training examples."""
+        return int(self.y_train.shape[0])
+
+    @property
+    def num_val(self) -> int:
+        """Number of local validation examples."""
+        return int(self.y_val.shape[0])
+
+
+def _cfg(data_cfg: Any, key: str, default: Any = None) -> Any:
+    """Attribute lookup that tolerates absent optional keys (dataclasses and OmegaConf configs)."""
+    try:
+        value = getattr(data_cfg, key)
+    except (AttributeError, KeyError):
+        return default
+    return default if value is None else value
+
+
+def _cfg_args(data_cfg: Any) -> tuple[Any, ...]:
+    """``(name, path, test_path, test_fraction, scheme, alpha, labels_per_client, min_partition_size)``."""
+    path = _cfg(data_cfg, "path")
+    test_path = _cfg(data_cfg, "test_path")
+    return (
+        str(data_cfg.name),
+        str(path) if path else None,
+        str(test_path) if test_path else None,
+        float(_cfg(data_cfg, "test_fraction", 0.2)),
+        str(data_cfg.partition),
+        float(_cfg(data_cfg, "alpha", 0.5)),
+        int(_cfg(data_cfg, "labels_per_client", 2)),
+        int(_cfg(data_cfg, "min_partition_size", 2)),
+    )
+
+
+_INSTALLED_PARTITIONS: dict[tuple[Any, ...], tuple[np.ndarray, ...]] = {}
+"""Partitions handed to this process by :func:`install_partitions`, keyed by :func:`_partitions_key`."""
+
+
+def _partitions_key(args: tuple[Any, ...], num_partitions: int, seed: int) -> tuple[Any, ...]:
+    """Key of :data:`_INSTALLED_PARTITIONS`: :func:`_cfg_args`, ``num_partitions`` and ``seed``."""
+    return (*args, int(num_partitions), int(seed))
+
+
+def _cfg_partitions(
+    data_cfg: Any, num_partitions: int, seed: int
+) -> tuple[DatasetSplits, tuple[np.ndarray, ...]]:
+    args = _cfg_args(data_cfg)
+    name, path, test_path, test_fraction, scheme, alpha, labels_per_client, min_size = args
+    splits = load_dataset(name, path, test_path, test_fraction, seed)
+    installed = _INSTALLED_PARTITIONS.get(_partitions_key(args, num_partitions, seed))
+    if installed is not None:
+        return splits, installed
+    parts = partition_dataset(
+        name,
+        path,
+        test_path,
+        test_fraction,
+        num_partitions,
+        scheme,
+        alpha=alpha,
+        labels_per_client=labels_per_client,
+        seed=seed,
+        min_partition_size=min_size,
+    )
+    return splits, parts
+
+
+def client_partitions(data_cfg: Any, num_partitions: int, seed: int) -> tuple[np.ndarray, ...]:
+    """The partitions (read-only index arrays into ``x_train``) that :func:`load_client_data` uses."""
+    return _cfg_partitions(data_cfg, num_partitions, seed)[1]
+
+
+def client_dataset(data_cfg: Any, seed: int) -> DatasetSplits:
+    """The dataset (train/test split) that :func:`load_client_data` partitions, for ``data_cfg``."""
+    return load_dataset(*_cfg_args(data_cfg)[:4], seed)
+
+
+def install_partitions(
+    data_cfg: Any,
+    num_partitions: int,
+    seed: int,
+    parts: Sequence[np.ndarray],
+    splits: DatasetSplits | None = None,
+) -> None:
+    """Make this process use ``parts`` (and ``splits``, if given) for ``data_cfg`` instead of computing them.
+
+    For engines that run many clients in long-lived worker processes: the driver computes
+    :func:`client_partitions` (and :func:`client_dataset`) once and installs the result in every worker.
+    A worker given the dataset neither reads the files nor splits them, so it never imports scikit-learn
+    (~150 MB per process); through Ray, its arrays are read-only views of the shared object store.
+    """
+    if len(parts) != int(num_partitions):
+        raise ValueError(f"install_partitions: got {len(parts)} partitions, expected {int(num_partitions)}")
+    if splits is not None and not isinstance(splits, DatasetSplits):
+        raise TypeError(f"install_partitions: splits must be DatasetSplits, got {type(splits).__name__}")
+    args = _cfg_args(data_cfg)
+    if splits is not None:
+        install_dataset(dataset_key(*args[:4], seed), splits)
+    frozen = tuple(np.asarray(p, dtype=np.int64) for p in parts)
+    for p in frozen:
+        p.flags.writeable = False
+    _INSTALLED_PARTITIONS[_partitions_key(args, num_partitions, seed)] = frozen
+
+
+def uninstall_partitions() -> None:
+    """Forget every dataset and partition :func:`install_partitions` installed in this process."""
+    uninstall_datasets()
+    _INSTALLED_PARTITIONS.clear()
+
+
+def load_client_data(data_cfg: Any, partition_id: int, num_partitions: int, seed: int) -> ClientData:
+    """Return partition ``partition_id`` of the training split, divided into local train/validation.
+
+    ``data_cfg`` needs attributes ``name, path, test_path, test_fraction, partition, alpha,
+    labels_per_client, val_fraction`` (optionally ``min_partition_size``). The validation split is
+    seeded by ``seed + partition_id`` and holds at least one example when the partition has two or more
+    (and ``val_fraction > 0``).
+    """
+    pid = int(partition_id)
+    if not 0 <= pid < int(num_partitions):
+        raise ValueError(f"partition_id: must be in [0, {int(num_partitions)}), got {partition_id}")
+    splits, parts = _cfg_partitions(data_cfg, num_partitions, seed)
+    idx = parts[pid]
+    val_fraction = float(_cfg(data_cfg, "val_fraction", 0.0))
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
+    n = int(idx.shape[0])
+    n_val = 0
+    if val_fraction > 0.0 and n >= 2:
+        n_val = min(max(1, int(round(n * val_fraction))), n - 1)
+    perm = np.random.default_rng(int(seed) + pid).permutation(n)
+    val_idx = np.sort(idx[perm[:n_val]])
+    train_idx = np.sort(idx[perm[n_val:]])
+    return ClientData(
+        x_train=splits.x_train[train_idx],
+        y_train=splits.y_train[train_idx],
+        x_val=splits.x_train[val_idx],
+        y_val=splits.y_train[val_idx],
+    )
+
+
+def partition_sizes(data_cfg: Any, num_partitions: int, seed: int) -> list[int]:
+    """Number of training-split examples in each partition (before the local validation split)."""
+    _, parts = _cfg_partitions(data_cfg, num_partitions, seed)
+    return [int(p.shape[0]) for p in parts]
+
+
+def to_tensors(
+    x: np.ndarray, y: np.ndarray, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Convert arrays to float32 / int64 tensors on ``device`` (read-only inputs are copied)."""
+    xa = np.asarray(x, dtype=np.float32)
+    ya = np.asarray(y, dtype=np.int64)
+    if not xa.flags.writeable:
+        xa = xa.copy()
+    if not ya.flags.writeable:
+        ya = ya.copy()
+    return torch.from_numpy(xa).to(device), torch.from_numpy(ya).to(device)
+
+
+def batches(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(x, y)`` mini-batches; with ``shuffle`` the order comes from ``generator`` (CPU)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    n = int(x.shape[0])
+    if int(y.shape[0]) != n:
+        raise ValueError("batches: x and y differ in length")
+    order = torch.randperm(n, generator=generator).to(x.device) if shuffle else None
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        if order is None:
+            yield x[start : start + batch_size], y[start : start + batch_size]
+        else:
+            sel = order[start : start + batch_size]
+            yield x[sel], y[sel]

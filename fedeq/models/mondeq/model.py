@@ -1,0 +1,214 @@
+"""The MON-DEQ classifiers ``mondeq`` (dense) and ``conv_mondeq`` (convolutional) and their parameters.
+
+Backward modes: ``ift`` solves the adjoint inclusion by splitting (:mod:`~fedeq.models.mondeq.adjoint`);
+``jfb`` uses ``x = D w``; ``phantom`` unrolls damped steps of ``z ← relu(W z + U x + b)``; ``broyden_reuse``
+has no Broyden estimate of the adjoint operator here and runs the ``ift`` splitting instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedeq.deq import BackwardStats, DEQOutput, DEQSettings
+from fedeq.deq.layer import phantom_unroll
+from fedeq.deq.regularizers import jacobian_frobenius
+from fedeq.models.base import ModelOutput, config_value, flattened_size
+from fedeq.models.mondeq.adjoint import ImplicitRelu
+from fedeq.models.mondeq.operators import ConvOperator, DenseOperator, monotone_weight
+from fedeq.models.mondeq.splitting import check_splitting, default_alpha, monotone_solve
+from fedeq.registry import MODELS
+
+Tensor = torch.Tensor
+
+__all__ = ["ConvMonDEQ", "MonDEQ", "MonotoneConv", "MonotoneLinear", "build_conv_mondeq", "build_mondeq"]
+
+
+class MonotoneLinear(nn.Module):
+    """Parameters ``A, B`` of ``W = (1 - m) I - AᵀA + B - Bᵀ``; ``m`` is a persistent buffer (it travels)."""
+
+    def __init__(self, dim: int, m: float = 0.1, init_scale: float = 0.5) -> None:
+        super().__init__()
+        _check_margin(m)
+        self.dim = dim
+        self.A = nn.Parameter(torch.randn(dim, dim) * (init_scale / dim**0.5))
+        self.B = nn.Parameter(torch.randn(dim, dim) * (init_scale / dim**0.5))
+        self.register_buffer("m", torch.tensor(float(m)))
+
+    def weight(self) -> Tensor:
+        return monotone_weight(self.A, self.B, self.m)
+
+    def operator(self, inj: Tensor) -> DenseOperator:
+        return DenseOperator(self.weight())
+
+
+class MonotoneConv(nn.Module):
+    """Kernels ``A, B`` (C × C × k × k) of the convolutional ``W`` (circular padding); ``m`` is a buffer."""
+
+    def __init__(self, channels: int, m: float = 0.1, kernel_size: int = 3, init_scale: float = 0.5) -> None:
+        super().__init__()
+        _check_margin(m)
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be an odd integer >= 1 (got {kernel_size!r})")
+        scale = init_scale / (channels * kernel_size**2) ** 0.5
+        self.A = nn.Parameter(torch.randn(channels, channels, kernel_size, kernel_size) * scale)
+        self.B = nn.Parameter(torch.randn(channels, channels, kernel_size, kernel_size) * scale)
+        self.register_buffer("m", torch.tensor(float(m)))
+
+    def operator(self, inj: Tensor) -> ConvOperator:
+        """The operator for maps of the spatial size of ``inj`` (B, C, H, W)."""
+        return ConvOperator.from_kernels(self.A, self.B, self.m, inj.shape[-2], inj.shape[-1])
+
+
+def _check_margin(m: float) -> None:
+    """``ValueError`` unless the monotonicity margin ``m`` is in ``(0, 1]``."""
+    if not 0 < m <= 1:
+        raise ValueError(f"monotone_m must be in (0, 1] (got {m!r})")
+
+
+class _MonotoneEquilibrium(nn.Module):
+    """Shared forward of the MON-DEQ classifiers: subclasses set ``inject``, ``mon`` and ``head``."""
+
+    inject: nn.Module
+    mon: MonotoneLinear | MonotoneConv
+    head: nn.Module
+
+    def _setup(self, splitting: str, alpha: float | None, deq_settings: dict[str, Any]) -> None:
+        check_splitting(splitting)
+        if alpha is not None and not alpha > 0:
+            raise ValueError(f"alpha must be > 0 or None (got {alpha!r})")
+        self.splitting = splitting
+        self.alpha = alpha
+        self.settings = DEQSettings().override(**deq_settings).validate()
+
+    def _injection(self, x: Tensor) -> Tensor:
+        return self.inject(x)
+
+    def equilibrium(self, x: Tensor, **overrides: Any) -> DEQOutput:
+        """The equilibrium ``z*`` of a batch with statistics (and the gradient attached when training)."""
+        splitting = overrides.pop("splitting", None) or self.splitting
+        alpha = overrides.pop("alpha", None) or self.alpha
+        check_splitting(splitting)
+        s = self.settings.override(**overrides) if overrides else self.settings
+        inj = self._injection(x)
+        op = self.mon.operator(inj)
+        opd = op.detach()
+        with torch.no_grad():
+            a = default_alpha(opd, splitting, float(self.mon.m)) if alpha is None else float(alpha)
+            z_star, fstats = monotone_solve(
+                opd,
+                inj.detach(),
+                splitting=splitting,
+                alpha=a,
+                solver=s.solver,
+                max_iter=s.f_max_iter,
+                tol=s.tol,
+                stop_mode=s.stop_mode,
+                **s.solver_options,
+            )
+        if not torch.is_grad_enabled():
+            return DEQOutput(z_star, fstats, None, s)
+        need_z_grad = s.jac_reg_samples > 0
+        z_in = z_star.detach().requires_grad_(need_z_grad)
+        y = op.apply(z_in) + inj
+        jac_loss = jacobian_frobenius(F.relu(y), z_in, s.jac_reg_samples) if need_z_grad else None
+        mode = "ift" if s.backward == "broyden_reuse" else s.backward
+        bstats = BackwardStats(mode=mode)
+        graph_evals = 1
+        if mode == "jfb":
+            z_out = F.relu(y)
+        elif mode == "phantom":
+            z_out, steps = phantom_unroll(lambda z: F.relu(op.apply(z) + inj), z_in, F.relu(y), s)
+            graph_evals = steps
+            bstats.nfe, bstats.ready = steps, True
+        else:
+            z_out = ImplicitRelu.apply(y, opd, s, (splitting, a), bstats)
+        if mode != s.backward:
+            s = replace(s, backward=mode)
+        return DEQOutput(z_out, fstats, bstats, s, jac_loss=jac_loss, graph_evals=graph_evals)
+
+    def forward(self, x: Tensor, **deq_overrides: Any) -> ModelOutput:
+        out = self.equilibrium(x, **deq_overrides)
+        return ModelOutput(self.head(out.z), out)
+
+
+class MonDEQ(_MonotoneEquilibrium):
+    """MON-DEQ classifier for flattened inputs: ``z* = relu(W z* + U x + b)``, logits ``= head(z*)``.
+
+    Args:
+        in_features, num_classes: input size and number of classes.
+        hidden: width ``d`` of the equilibrium state.
+        monotone_m: the margin ``m`` in ``(0, 1]``.
+        splitting: ``"pr"`` (Peaceman-Rachford) or ``"fb"`` (forward-backward); per call ``splitting=...``.
+        alpha: splitting step size (``None``: ``m/L²`` for fb, 1 for pr); per call ``alpha=...``.
+        **deq_settings: fields of :class:`fedeq.deq.layer.DEQSettings` (solver applied to the splitting map,
+            budgets, tolerance, backward mode); the same names are accepted as per-call overrides.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        hidden: int = 64,
+        monotone_m: float = 0.1,
+        splitting: str = "pr",
+        alpha: float | None = None,
+        **deq_settings: Any,
+    ) -> None:
+        super().__init__()
+        self._setup(splitting, alpha, deq_settings)
+        self.inject = nn.Linear(in_features, hidden)
+        self.mon = MonotoneLinear(hidden, monotone_m)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def _injection(self, x: Tensor) -> Tensor:
+        return self.inject(x.flatten(1))
+
+
+class ConvMonDEQ(_MonotoneEquilibrium):
+    """Convolutional MON-DEQ: ``z* = relu(W z* + conv(x))`` with a monotone convolutional ``W`` (circular
+    padding, resolvents per frequency through the FFT); logits from a 4 × 4 average pool of ``z*``.
+
+    Args: as :class:`MonDEQ`, with ``in_channels`` and ``channels`` (equilibrium channels) for the sizes.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        channels: int = 16,
+        monotone_m: float = 0.1,
+        splitting: str = "pr",
+        alpha: float | None = None,
+        **deq_settings: Any,
+    ) -> None:
+        super().__init__()
+        self._setup(splitting, alpha, deq_settings)
+        self.inject = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.mon = MonotoneConv(channels, monotone_m)
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(channels * 16, num_classes)
+        )
+
+
+@MODELS.register("mondeq")
+def build_mondeq(input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any]) -> nn.Module:
+    """Registry factory: ``hidden`` and ``monotone_m`` from ``cfg`` (defaults 64 and 0.1)."""
+    m = float(config_value(cfg, "monotone_m", 0.1))
+    hidden = int(config_value(cfg, "hidden", 64))
+    return MonDEQ(int(flattened_size(input_shape)), num_classes, hidden=hidden, monotone_m=m, **deq)
+
+
+@MODELS.register("conv_mondeq")
+def build_conv_mondeq(
+    input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any]
+) -> nn.Module:
+    """Registry factory: ``channels`` and ``monotone_m`` from ``cfg`` (defaults 16 and 0.1)."""
+    m = float(config_value(cfg, "monotone_m", 0.1))
+    return ConvMonDEQ(
+        int(input_shape[0]), num_classes, channels=int(config_value(cfg, "channels", 16)), monotone_m=m, **deq
+    )
