@@ -9,17 +9,18 @@ of it; the parsed config, its attribute view, the tiers' DEQ settings and the mo
 from __future__ import annotations
 
 import functools
+import json
+import threading
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 from flwr.app import Context, Message
 from torch import nn
 
 from fedeq.config import RUN_CONFIG_KEY, attribute_view, config_from_run_config, config_from_yaml
-from fedeq.data import load_dataset
+from fedeq.data import client_dataset
 from fedeq.devices.assign import assign_tiers
 from fedeq.devices.settings import tier_deq_settings
 from fedeq.models import build_model
@@ -140,14 +141,24 @@ def train_options(cfg: Any) -> dict[str, Any]:
     }
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_model(key: tuple) -> nn.Module:
-    name, shape, classes, cfg_items = key
-    return build_model(name, shape, classes, SimpleNamespace(**dict(cfg_items)))
+_MODELS: dict[str, nn.Module] = {}
+_MODELS_LOCK = threading.Lock()
+_MODELS_KEPT = 4
 
 
 def model_for(cfg: Any) -> nn.Module:
-    """A model of the configured architecture, reused across calls in this process (weights get replaced)."""
-    splits = load_dataset(cfg.data.name, cfg.data.path, cfg.data.test_path, cfg.data.test_fraction, cfg.seed)
-    items = tuple(sorted((k, v) for k, v in cfg.model.model_dump().items() if k != "name"))
-    return _cached_model((cfg.model.name, tuple(splits.input_shape), splits.num_classes, items))
+    """A model of the configured architecture, reused across calls in this process (weights get replaced).
+
+    Runs whose ``model`` sections and data shapes agree share one model object (the last few are kept).
+    """
+    splits = client_dataset(cfg.data, cfg.seed)
+    shape = tuple(splits.input_shape)
+    key = json.dumps([shape, splits.num_classes, cfg.model.model_dump(mode="json")], sort_keys=True)
+    with _MODELS_LOCK:
+        model = _MODELS.get(key)
+        if model is None:
+            model = build_model(cfg.model.name, shape, splits.num_classes, cfg.model)
+            _MODELS[key] = model
+            while len(_MODELS) > _MODELS_KEPT:
+                del _MODELS[next(iter(_MODELS))]
+    return model

@@ -5,8 +5,9 @@ The names below are the curated public API; each is imported from its subpackage
 
 =====================  ==========================================================================
 DEQ core               ``DEQ``, ``DEQSettings``, ``DEQOutput``, ``solve``, ``SolverStats``
-models                 ``build_model``, ``register_model``, ``ModelOutput``, ``num_parameters``
-data                   ``load_dataset``
+models                 ``build_model``, ``register_model``, ``DEQClassifier``, ``ModelOutput``,
+                       ``num_parameters``
+data                   ``load_dataset``, ``register_dataset``
 configuration          ``load_config``, ``ConfigError``
 training               ``train_local``, ``evaluate``, ``accuracy_vs_budget``
 robustness             ``AttackConfig``, ``run_attack``, ``robust_accuracy``
@@ -30,10 +31,12 @@ _EXPORTS: dict[str, str] = {
     "solve": "fedeq.deq",
     "SolverStats": "fedeq.deq",
     "build_model": "fedeq.models",
+    "DEQClassifier": "fedeq.models",
     "register_model": "fedeq.models",
     "ModelOutput": "fedeq.models",
     "num_parameters": "fedeq.models",
     "load_dataset": "fedeq.data",
+    "register_dataset": "fedeq.data",
     "load_config": "fedeq.config",
     "ConfigError": "fedeq.config",
     "train_local": "fedeq.train",
@@ -53,7 +56,37 @@ _EXPORTS: dict[str, str] = {
     "import_plugins": "fedeq.registry",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AttackConfig",
+    "BACKWARDS",
+    "ConfigError",
+    "DATASETS",
+    "DEQ",
+    "DEQClassifier",
+    "DEQOutput",
+    "DEQSettings",
+    "ENGINES",
+    "MODELS",
+    "ModelOutput",
+    "PARTITIONERS",
+    "QUALITY",
+    "Registry",
+    "SOLVERS",
+    "SolverStats",
+    "accuracy_vs_budget",
+    "build_model",
+    "evaluate",
+    "import_plugins",
+    "load_config",
+    "load_dataset",
+    "num_parameters",
+    "register_dataset",
+    "register_model",
+    "robust_accuracy",
+    "run_attack",
+    "solve",
+    "train_local",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -71,9 +104,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static view of the lazy names for type checkers and IDEs
     from fedeq.config import ConfigError, load_config
-    from fedeq.data import load_dataset
+    from fedeq.data import load_dataset, register_dataset
     from fedeq.deq import DEQ, DEQOutput, DEQSettings, SolverStats, solve
-    from fedeq.models import ModelOutput, build_model, num_parameters, register_model
+    from fedeq.models import DEQClassifier, ModelOutput, build_model, num_parameters, register_model
     from fedeq.registry import (
         BACKWARDS,
         DATASETS,

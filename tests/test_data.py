@@ -104,7 +104,7 @@ def test_cached_arrays_are_read_only(digits: DatasetSplits) -> None:
 
 def test_unknown_dataset_name() -> None:
     with pytest.raises(
-        ValueError, match=r"data.name: unknown dataset 'cifar'; allowed: digits, mnist5k, npz"
+        ValueError, match=r"data.name: unknown dataset 'cifar'; allowed: digits, mnist5k, npz, hf"
     ):
         load_dataset("cifar")
 
@@ -135,14 +135,15 @@ def test_registered_dataset_is_loaded_by_name() -> None:
         assert np.array_equal(ds.x_train[:, 0, 0, 0], ds.y_train)  # examples keep their labels
         assert not ds.x_train.flags.writeable
         assert load_dataset("test_stripes", test_fraction=0.25, seed=1) is ds and Stripes.calls == 1
-        with pytest.raises(ValueError, match=r"allowed: digits, mnist5k, npz, test_stripes, test_needs_file"):
+        allowed = r"allowed: digits, mnist5k, npz, hf, test_stripes, test_needs_file"
+        with pytest.raises(ValueError, match=allowed):
             load_dataset("cifar")
         with pytest.raises(ValueError, match="data.path: required for dataset 'test_needs_file'"):
             load_dataset("test_needs_file")
     finally:
         DATASETS.unregister("test_stripes")
         DATASETS.unregister("test_needs_file")
-    with pytest.raises(ValueError, match="unknown dataset 'test_stripes'; allowed: digits, mnist5k, npz$"):
+    with pytest.raises(ValueError, match="unknown dataset 'test_stripes'; allowed: digits, .*, hf$"):
         load_dataset("test_stripes", test_fraction=0.25, seed=1)
 
 
@@ -296,12 +297,14 @@ def test_registered_partitioner_is_used_by_name(digits: DatasetSplits) -> None:
         sizes = partition_sizes(DataCfg(partition="test_parity"), 2, 0)
         assert sizes == [int((y % 2 == 0).sum()), int((y % 2 == 1).sum())]
         with pytest.raises(
-            ValueError, match=r"unknown scheme 'feature'; allowed: iid, dirichlet, shards, test_parity"
+            ValueError,
+            match=r"unknown scheme 'feature'; allowed: iid, dirichlet, shards, pathological, shard, natural, "
+            r"linear, square, exponential, test_parity",
         ):
             partition_indices(y, 2, "feature")
     finally:
         PARTITIONERS.unregister("test_parity")
-    with pytest.raises(ValueError, match=r"unknown scheme 'test_parity'; allowed: iid, dirichlet, shards$"):
+    with pytest.raises(ValueError, match=r"unknown scheme 'test_parity'; allowed: iid, .*, exponential$"):
         partition_indices(digits.y_train, 2, "test_parity")
 
 

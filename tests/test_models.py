@@ -39,7 +39,8 @@ def test_unknown_model_name():
 
 
 def test_registered_model_family_is_built_by_name():
-    """A factory registered with ``register_model`` is built by ``build_model``, config and budgets passed."""
+    """A factory registered with ``register_model`` is built by ``build_model`` with the config passed
+    (DEQ settings go to the model's DEQ layers, not to the factory)."""
     seen = {}
 
     class Linear(torch.nn.Module):
@@ -51,8 +52,8 @@ def test_registered_model_family_is_built_by_name():
             return ModelOutput(self.fc(x.flatten(1)))
 
     @register_model("test_linear")
-    def build_linear(input_shape, num_classes, cfg, deq_settings):
-        seen.update(shape=input_shape, cfg=cfg, deq=deq_settings)
+    def build_linear(input_shape, num_classes, cfg):
+        seen.update(shape=input_shape, cfg=cfg)
         return Linear(input_shape[0] * input_shape[1] * input_shape[2], num_classes)
 
     cfg = object()
@@ -60,7 +61,7 @@ def test_registered_model_family_is_built_by_name():
         assert "test_linear" in MODELS and MODELS.get("test_linear") is build_linear
         model = build_model("test_linear", [1, 8, 8], 3, cfg, f_max_iter=7)
         assert isinstance(model, Linear) and num_parameters(model) == 64 * 3 + 3
-        assert seen == {"shape": (1, 8, 8), "cfg": cfg, "deq": {"f_max_iter": 7}}
+        assert seen == {"shape": (1, 8, 8), "cfg": cfg}
         assert model(torch.randn(2, 1, 8, 8)).logits.shape == (2, 3)
         with pytest.raises(ValueError, match=r"model.name must be one of mlp_deq, .*lyadeq, test_linear"):
             build_model("resnet", (1, 8, 8), 10)

@@ -135,3 +135,7 @@ def test_import_fedeq_is_cheap() -> None:
     code = "import sys, fedeq; print(any(m in sys.modules for m in ('torch', 'flwr', 'ray')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_public_names_listed_once() -> None:
+    assert fedeq.__all__ == sorted(fedeq._EXPORTS)

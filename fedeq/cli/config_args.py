@@ -4,7 +4,6 @@ the checks a config must pass before any work starts."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 from fedeq.config import ConfigError
 
@@ -28,14 +27,11 @@ def split_config_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
 
 
 def check_runnable(cfg: object) -> None:
-    """Checks that need the registries (strategy name and kwargs), still before any work."""
+    """Checks that need the registries (strategy name and kwargs) and the data (the dataset's own
+    check, its contents and the partition over clients), still before any work."""
+    from fedeq.data import check_data
     from fedeq.server.app import strategy_for
 
-    data = cfg.data  # type: ignore[attr-defined]
-    for key in ("path", "test_path"):
-        value = getattr(data, key)
-        if data.name == "npz" and value is not None and not Path(value).is_file():
-            raise ConfigError(
-                f"data.{key}", "file not found", "an existing .npz file with arrays x and y", value
-            )
+    report = check_data(cfg, warn=False)
     strategy_for(cfg)
+    report.warn()  # after every check: an invalid config prints its error line alone

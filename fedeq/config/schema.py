@@ -13,9 +13,11 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from fedeq.config.data import DataConfig
+from fedeq.config.model_factory import check_model_kwargs, check_model_name
 from fedeq.config.rules import Float, Int, Section, StrKeys, check_range, problem, registered_name
 from fedeq.config.tiers import DevicesConfig, check_client_ids
-from fedeq.registry import DATASETS, ENGINES, MODELS, PARTITIONERS
+from fedeq.registry import ENGINES
 
 __all__ = [
     "AdversarialMode",
@@ -44,33 +46,24 @@ AttackNorm = Literal["linf", "l2"]
 _STRATEGY_NAME_RE = re.compile(r"^[A-Za-z_]\w*$|^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$", re.ASCII)
 
 
-class DataConfig(Section):
-    """Data set and its partition over clients."""
-
-    name: registered_name(DATASETS) = "digits"  # type: ignore[valid-type]
-    path: str | None = None
-    test_path: str | None = None
-    test_fraction: Float = Field(0.2, gt=0, lt=1)
-    val_fraction: Float = Field(0.1, ge=0, lt=1)
-    partition: registered_name(PARTITIONERS) = "dirichlet"  # type: ignore[valid-type]
-    alpha: Float = Field(0.5, gt=0)
-    labels_per_client: Int = Field(2, ge=1)
-
-    @model_validator(mode="after")
-    def _npz_needs_path(self) -> DataConfig:
-        if self.name == "npz" and not self.path:
-            allowed = "path to an .npz file"
-            raise problem("data.name=npz requires a path", allowed, at=("path",), got=self.path)
-        return self
-
-
 class ModelConfig(Section):
     """Model family and its size / solver tolerance."""
 
-    name: registered_name(MODELS) = "mlp_deq"  # type: ignore[valid-type]
+    name: str = "mlp_deq"
+    """A registered model family or ``package.module:factory`` (docs/custom_models.md)."""
+    kwargs: StrKeys = Field(default_factory=dict)
+    """Keyword options of the model's factory, checked against its signature."""
     hidden: Int = Field(64, ge=1)
     channels: Int = Field(16, ge=1)
     depth: Int = Field(3, ge=1)
+    downsample: Int = Field(1, ge=0, le=4)
+    """conv_deq: stride-2 stages in the stem (the equilibrium runs at H / 2^downsample)."""
+    blocks: Int = Field(1, ge=1, le=8)
+    """conv_deq: residual blocks in the equilibrium cell (its depth)."""
+    expansion: Int = Field(1, ge=1, le=8)
+    """conv_deq: inner width multiplier of each residual block."""
+    readout_grid: Int = Field(4, ge=1, le=16)
+    """conv_deq: side of the pooled grid the linear readout sees."""
     tol: Float = Field(1e-4, gt=0)
     stop_mode: StopMode = "rel"
     monotone_m: Float = Field(0.1, gt=0, le=1)
@@ -81,6 +74,17 @@ class ModelConfig(Section):
     """tied_sparse: unstructured (entries) | row (output units)."""
     mask_seed: Int = Field(0, ge=0)
     """tied_sparse: seed of the per-layer masks."""
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        check_model_name(name)
+        return name
+
+    @model_validator(mode="after")
+    def _factory_options(self) -> ModelConfig:
+        check_model_kwargs(self.name, self.kwargs)
+        return self
 
 
 class TrainConfig(Section):

@@ -12,7 +12,9 @@ import functools
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -25,17 +27,25 @@ __all__ = [
     "dataset_key",
     "install_dataset",
     "load_dataset",
+    "split_indices",
     "split_train_test",
     "uninstall_datasets",
 ]
 
-DatasetKey = tuple[str, str | None, str | None, float, int]
-"""``(name, path, test_path, test_fraction, seed)`` checked and normalised by :func:`dataset_key`."""
+Options = tuple[tuple[str, Any], ...]
+"""A source's ``data.*`` options as ``((key, value), ...)`` in the order of its ``option_keys``."""
+
+DatasetKey = tuple[str, str | None, str | None, float, int, Options]
+"""``(name, path, test_path, test_fraction, seed, options)`` checked and normalised by :func:`dataset_key`."""
 
 
 @dataclass(frozen=True, eq=False)
 class DatasetSplits:
-    """A dataset with a held-out test split; images are float32 (N, C, H, W), labels int64 (N,)."""
+    """A dataset with a held-out test split; images are float32 (N, C, H, W), labels int64 (N,).
+
+    ``columns`` holds further per-example values of the training split (say, a writer id), for
+    partitioners such as ``natural``.
+    """
 
     name: str
     x_train: np.ndarray
@@ -43,6 +53,7 @@ class DatasetSplits:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    columns: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -62,27 +73,34 @@ def load_dataset(
     test_path: str | None = None,
     test_fraction: float = 0.2,
     seed: int = 0,
+    **options: Any,
 ) -> DatasetSplits:
-    """Load a registered dataset (``digits``, ``mnist5k``, ``npz``, ...) with a seeded, stratified test
-    split; cached per arguments.
+    """Load a registered dataset (``digits``, ``mnist5k``, ``npz``, ``hf``, ...) with a seeded, stratified
+    test split; cached per arguments.
 
     ``path``/``test_path`` are used only by datasets that read files (``npz``); ``test_fraction`` is
-    ignored when ``test_path`` is given. Calls with equivalent arguments return the very same (read-only)
-    object: the one that :func:`install_dataset` installed in this process, if any.
+    ignored when ``test_path`` is given or the source has its own test split. ``options`` are the
+    ``data.*`` keys the dataset reads (``load_dataset("hf", source="data.csv", label_key="y")``).
+    Calls with equivalent arguments return the very same (read-only) object: the one that
+    :func:`install_dataset` installed in this process, if any.
     """
-    key = dataset_key(name, path, test_path, test_fraction, seed)
+    key = dataset_key(name, path, test_path, test_fraction, seed, **options)
     installed = _INSTALLED_DATASETS.get(key)
     return installed if installed is not None else _load_dataset_cached(*key)
 
 
 def dataset_key(
-    name: str, path: str | None, test_path: str | None, test_fraction: float, seed: int
+    name: str, path: str | None, test_path: str | None, test_fraction: float, seed: int, **options: Any
 ) -> DatasetKey:
-    """The arguments of :func:`load_dataset`, checked and normalised (absolute paths, unused fraction 0)."""
+    """The arguments of :func:`load_dataset`, checked and normalised (absolute paths, unused fraction 0,
+    the source's options in order with ``None`` for absent ones)."""
     key_name = str(name).strip().lower()
     if key_name not in DATASETS:
         raise ValueError(f"data.name: unknown dataset '{name}'; allowed: {', '.join(DATASETS.names())}")
-    if _source(key_name).reads_path:
+    source = DATASETS.get(key_name)
+    built = source(**options)  # a source that reads no options may define __init__ without them
+    key_options = tuple((k, _hashable(v)) for k, v in getattr(built, "options", {}).items())
+    if source.reads_path:
         if not path:
             raise ValueError(f"data.path: required for dataset '{key_name}'")
         key_path: str | None = os.path.abspath(os.path.expanduser(str(path)))
@@ -95,7 +113,11 @@ def dataset_key(
             raise ValueError(f"data.test_fraction: must be in (0, 1), got {test_fraction}")
     else:
         tf = 0.0
-    return key_name, key_path, key_test, tf, int(seed)
+    return key_name, key_path, key_test, tf, int(seed), key_options
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list | tuple) else value
 
 
 def install_dataset(key: DatasetKey, splits: DatasetSplits) -> None:
@@ -116,25 +138,32 @@ _INSTALLED_DATASETS: dict[DatasetKey, DatasetSplits] = {}
 """Datasets handed to this process by :func:`install_dataset`, keyed by :func:`dataset_key`."""
 
 
-def _source(name: str) -> DatasetSource:
-    return DATASETS.get(name)()
-
-
 @functools.lru_cache(maxsize=16)
 def _load_dataset_cached(
-    name: str, path: str | None, test_path: str | None, test_fraction: float, seed: int
+    name: str, path: str | None, test_path: str | None, test_fraction: float, seed: int, options: Options
 ) -> DatasetSplits:
-    source = _source(name)
+    source: DatasetSource = DATASETS.get(name)(**dict(options))
     images = source.load(path, test_path) if source.reads_path else source.load(None, None)
+    columns = {k: np.asarray(v) for k, v in images.columns.items()}
     if images.x_test is None or images.y_test is None:
-        x_train, x_test, y_train, y_test = split_train_test(images.x, images.y, test_fraction, seed)
+        train, test = split_indices(images.y, test_fraction, seed)
+        x_train, y_train, x_test, y_test = images.x[train], images.y[train], images.x[test], images.y[test]
+        columns = {k: v[train] for k, v in columns.items()}
     else:
         x_train, y_train, x_test, y_test = images.x, images.y, images.x_test, images.y_test
     num_classes = int(max(y_train.max(initial=-1), y_test.max(initial=-1))) + 1
-    arrays = [np.ascontiguousarray(a) for a in (x_train, y_train, x_test, y_test)]
+    arrays = [np.ascontiguousarray(a) for a in (x_train, y_train, x_test, y_test, *columns.values())]
     for a in arrays:
         a.flags.writeable = False
-    return DatasetSplits(name, *arrays, num_classes=num_classes)
+    named = dict(zip(columns, arrays[4:], strict=True))
+    return DatasetSplits(name, *arrays[:4], num_classes=num_classes, columns=named)
+
+
+def split_indices(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/test split of ``0..len(y)-1`` ``(train, test)``, stratified by label when feasible."""
+    index = np.arange(len(y))
+    train, test, _, _ = split_train_test(index, y, test_fraction, seed)
+    return train, test
 
 
 def split_train_test(

@@ -19,6 +19,7 @@ import torch
 
 from fedeq.data.base import DatasetSplits, dataset_key, install_dataset, load_dataset, uninstall_datasets
 from fedeq.data.partition.base import partition_indices
+from fedeq.registry import DATASETS, PARTITIONERS
 
 __all__ = [
     "ClientData",
@@ -45,12 +46,21 @@ def partition_dataset(
     labels_per_client: int = 2,
     seed: int = 0,
     min_partition_size: int = 2,
+    **options: Any,
 ) -> tuple[np.ndarray, ...]:
     """Partition the training split of a dataset (see :func:`load_dataset`); cached per arguments.
 
-    Returns one read-only int64 index array (into ``x_train``) per partition.
+    ``options`` are further ``data.*`` keys, each read by the dataset or by the scheme (``source=...``,
+    ``partition_by="writer"``). Returns one read-only int64 index array (into ``x_train``) per partition.
     """
-    splits = load_dataset(name, path, test_path, test_fraction, seed)
+    scheme_keys = getattr(PARTITIONERS.get(str(scheme).strip().lower()), "option_keys", ())
+    data_keys = getattr(DATASETS.get(str(name).strip().lower()), "option_keys", ())
+    unknown = sorted(set(options) - {*scheme_keys, *data_keys})
+    if unknown:
+        raise ValueError(f"data.{unknown[0]}: read by neither dataset '{name}' nor scheme '{scheme}'")
+    data_options = {k: v for k, v in options.items() if k in data_keys}
+    scheme_options = tuple((k, _hashable(options.get(k))) for k in scheme_keys)
+    splits = load_dataset(name, path, test_path, test_fraction, seed, **data_options)
     return _partition_cached(
         splits,
         int(num_partitions),
@@ -59,7 +69,12 @@ def partition_dataset(
         int(labels_per_client),
         int(seed),
         int(min_partition_size),
+        scheme_options,
     )
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list | tuple) else value
 
 
 @functools.lru_cache(maxsize=32)
@@ -71,6 +86,7 @@ def _partition_cached(
     labels_per_client: int,
     seed: int,
     min_partition_size: int,
+    scheme_options: tuple[tuple[str, Any], ...] = (),
 ) -> tuple[np.ndarray, ...]:
     # ``splits`` is itself a cached object, so hashing it by identity keys on the dataset arguments.
     parts = partition_indices(
@@ -81,6 +97,8 @@ def _partition_cached(
         labels_per_client=labels_per_client,
         seed=seed,
         min_partition_size=min_partition_size,
+        columns=splits.columns,
+        **dict(scheme_options),
     )
     for p in parts:
         p.flags.writeable = False
@@ -116,8 +134,18 @@ def _cfg(data_cfg: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def _cfg_options(data_cfg: Any) -> dict[str, Any]:
+    """The further ``data.*`` keys that the configured dataset and scheme read, with their values."""
+    keys = (
+        *getattr(DATASETS.get(str(data_cfg.name).strip().lower()), "option_keys", ()),
+        *getattr(PARTITIONERS.get(str(data_cfg.partition).strip().lower()), "option_keys", ()),
+    )
+    return {k: _hashable(_cfg(data_cfg, k)) for k in keys}
+
+
 def _cfg_args(data_cfg: Any) -> tuple[Any, ...]:
-    """``(name, path, test_path, test_fraction, scheme, alpha, labels_per_client, min_partition_size)``."""
+    """``(name, path, test_path, test_fraction, scheme, alpha, labels_per_client, min_partition_size,
+    options)`` with ``options`` the sorted ``(key, value)`` pairs of :func:`_cfg_options`."""
     path = _cfg(data_cfg, "path")
     test_path = _cfg(data_cfg, "test_path")
     return (
@@ -129,6 +157,7 @@ def _cfg_args(data_cfg: Any) -> tuple[Any, ...]:
         float(_cfg(data_cfg, "alpha", 0.5)),
         int(_cfg(data_cfg, "labels_per_client", 2)),
         int(_cfg(data_cfg, "min_partition_size", 2)),
+        tuple(sorted(_cfg_options(data_cfg).items())),
     )
 
 
@@ -145,8 +174,8 @@ def _cfg_partitions(
     data_cfg: Any, num_partitions: int, seed: int
 ) -> tuple[DatasetSplits, tuple[np.ndarray, ...]]:
     args = _cfg_args(data_cfg)
-    name, path, test_path, test_fraction, scheme, alpha, labels_per_client, min_size = args
-    splits = load_dataset(name, path, test_path, test_fraction, seed)
+    name, path, test_path, test_fraction, scheme, alpha, labels_per_client, min_size, options = args
+    splits = client_dataset(data_cfg, seed)
     installed = _INSTALLED_PARTITIONS.get(_partitions_key(args, num_partitions, seed))
     if installed is not None:
         return splits, installed
@@ -161,6 +190,7 @@ def _cfg_partitions(
         labels_per_client=labels_per_client,
         seed=seed,
         min_partition_size=min_size,
+        **dict(options),
     )
     return splits, parts
 
@@ -172,7 +202,14 @@ def client_partitions(data_cfg: Any, num_partitions: int, seed: int) -> tuple[np
 
 def client_dataset(data_cfg: Any, seed: int) -> DatasetSplits:
     """The dataset (train/test split) that :func:`load_client_data` partitions, for ``data_cfg``."""
-    return load_dataset(*_cfg_args(data_cfg)[:4], seed)
+    args = _cfg_args(data_cfg)
+    return load_dataset(*args[:4], seed, **_dataset_options(args))
+
+
+def _dataset_options(args: tuple[Any, ...]) -> dict[str, Any]:
+    """The options of :func:`_cfg_args` that the dataset reads."""
+    keys = getattr(DATASETS.get(str(args[0]).strip().lower()), "option_keys", ())
+    return {k: v for k, v in args[-1] if k in keys}
 
 
 def install_partitions(
@@ -195,7 +232,7 @@ def install_partitions(
         raise TypeError(f"install_partitions: splits must be DatasetSplits, got {type(splits).__name__}")
     args = _cfg_args(data_cfg)
     if splits is not None:
-        install_dataset(dataset_key(*args[:4], seed), splits)
+        install_dataset(dataset_key(*args[:4], seed, **_dataset_options(args)), splits)
     frozen = tuple(np.asarray(p, dtype=np.int64) for p in parts)
     for p in frozen:
         p.flags.writeable = False

@@ -2,7 +2,9 @@
 
 Importing this package registers the built-in families, in this order: ``mlp_deq``, ``conv_deq``,
 ``explicit``, ``mondeq``, ``conv_mondeq``, ``tied``, ``tied_sparse``, ``lyadeq``. A new family is one
-module with a factory decorated by :func:`register_model`.
+module with a factory ``factory(input_shape, num_classes, cfg, **kwargs) -> nn.Module`` decorated by
+:func:`register_model` (or named ``package.module:factory`` in ``model.name``); a DEQ model is most
+easily a :class:`DEQClassifier` subclass that writes its cell. See docs/custom_models.md.
 """
 
 from fedeq.models import mlp_deq as _mlp_deq  # noqa: I001  (import order = registration order)
@@ -11,8 +13,17 @@ from fedeq.models import explicit as _explicit
 from fedeq.models import mondeq as _mondeq
 from fedeq.models import tied as _tied
 from fedeq.models import lyadeq as _lyadeq
-from fedeq.models.base import ModelFactory, ModelOutput, config_value, flattened_size, num_parameters
-from fedeq.models.build import build_model, register_model
+from fedeq.models.base import (
+    DEQParts,
+    ModelFactory,
+    ModelOutput,
+    config_value,
+    flattened_size,
+    num_parameters,
+    set_deq_settings,
+)
+from fedeq.models.build import build_model, model_kwargs, register_model
+from fedeq.models.classifier import DEQClassifier
 from fedeq.models.conv_deq import ConvDEQ
 from fedeq.models.explicit import ExplicitMLP
 from fedeq.models.lyadeq import LyaDEQ
@@ -23,6 +34,8 @@ from fedeq.models.tied import TiedMLP
 __all__ = [
     "ConvDEQ",
     "ConvMonDEQ",
+    "DEQClassifier",
+    "DEQParts",
     "ExplicitMLP",
     "LyaDEQ",
     "MLPDEQ",
@@ -33,8 +46,10 @@ __all__ = [
     "build_model",
     "config_value",
     "flattened_size",
+    "model_kwargs",
     "num_parameters",
     "register_model",
+    "set_deq_settings",
 ]
 
 del _mlp_deq, _conv_deq, _explicit, _mondeq, _tied, _lyadeq

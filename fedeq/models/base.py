@@ -4,8 +4,11 @@ Every model's ``forward(x, **deq_overrides)`` returns a :class:`ModelOutput`; th
 ``b_max_iter``, ``solver``, ``backward``, ...) reach the DEQ layer, so one set of weights serves devices with
 different budgets. Explicit models accept and ignore them.
 
-A model family is a factory ``factory(input_shape, num_classes, cfg, deq_settings) -> nn.Module`` registered
-under its config name (``model.name``) with :func:`fedeq.models.register_model`.
+A model family is a factory following :class:`ModelFactory`, ``factory(input_shape, num_classes, cfg,
+**kwargs) -> nn.Module``, registered under its config name (``model.name``) with
+:func:`fedeq.models.register_model` or named as ``package.module:factory``. A factory never sees the DEQ
+settings: :func:`~fedeq.models.build_model` applies build-time settings to the built model's DEQ layers
+(:func:`~fedeq.models.set_deq_settings`), and a device tier's settings arrive per call as overrides.
 """
 
 from __future__ import annotations
@@ -13,19 +16,38 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from fedeq.deq import DEQOutput
+from fedeq.deq import DEQOutput, DEQSettings
 
 Tensor = torch.Tensor
 
-__all__ = ["ModelFactory", "ModelOutput", "config_value", "flattened_size", "num_parameters"]
+__all__ = [
+    "DEQParts",
+    "ModelFactory",
+    "ModelOutput",
+    "config_value",
+    "flattened_size",
+    "num_parameters",
+    "set_deq_settings",
+]
 
-ModelFactory = Callable[[tuple[int, ...], int, Any, dict[str, Any]], nn.Module]
-"""``factory(input_shape, num_classes, cfg, deq_settings) -> nn.Module``: one model family."""
+
+class ModelFactory(Protocol):
+    """``factory(input_shape, num_classes, cfg, **kwargs) -> nn.Module``: one model family.
+
+    ``input_shape`` is the shape of one example (``(1, 8, 8)`` for digits), ``cfg`` the ``model`` section
+    of the config (attributes ``hidden``, ``channels``, ``tol``, ...; ``None`` outside a run) and
+    ``kwargs`` the entries of ``model.kwargs``, checked against the factory's signature before a run
+    starts. The module's ``forward(x, **deq_overrides)`` returns a :class:`ModelOutput`.
+    """
+
+    def __call__(
+        self, input_shape: tuple[int, ...], num_classes: int, cfg: Any, /, **kwargs: Any
+    ) -> nn.Module: ...
 
 
 @dataclass
@@ -53,3 +75,39 @@ def flattened_size(input_shape: tuple[int, ...]) -> int:
 def config_value(cfg: Any, key: str, default: Any) -> Any:
     """``cfg.key`` if ``cfg`` has it, else ``default`` (also when there is no ``cfg`` at all)."""
     return default if cfg is None else getattr(cfg, key, default)
+
+
+def set_deq_settings(model: nn.Module, **settings: Any) -> int:
+    """Apply DEQ settings (fields of :class:`~fedeq.deq.DEQSettings`) as the defaults of ``model``.
+
+    Every submodule holding a :class:`~fedeq.deq.DEQSettings` as ``settings`` (each
+    :class:`~fedeq.deq.DEQ` layer, and families that run their own solve) gets ``settings`` merged into
+    its own. Unknown names or invalid values raise ``ValueError`` even when the model has no DEQ layer.
+    Returns the number of submodules updated.
+    """
+    if not settings:
+        return 0
+    DEQSettings().override(**settings)  # validates names and values
+    count = 0
+    for module in model.modules():
+        current = vars(module).get("settings")
+        if isinstance(current, DEQSettings):
+            module.settings = current.override(**settings)
+            count += 1
+    return count
+
+
+@dataclass
+class DEQParts:
+    """``inject(x) -> c``, ``cell(z, c) -> z``, ``readout(z) -> logits`` and the initial state ``z0(c)``."""
+
+    inject: Callable[[Tensor], Any]
+    cell: Callable[[Tensor, Any], Tensor]
+    readout: Callable[[Tensor], Tensor]
+    z0: Callable[[Any], Tensor]
+    settings: Any
+    """The model's :class:`~fedeq.deq.layer.DEQSettings` (solver, budgets, tolerance)."""
+
+    def f(self, z: Tensor, x: Tensor) -> Tensor:
+        """``f(z, x) = cell(z, inject(x))``."""
+        return self.cell(z, self.inject(x))

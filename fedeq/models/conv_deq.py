@@ -1,4 +1,23 @@
-"""``conv_deq``: a convolutional DEQ classifier (MDEQ-style residual cell) for images of any size."""
+"""``conv_deq``: a small multiscale-DEQ-style convolutional classifier for images of any size.
+
+The model has three parts, in the style of MDEQ (Bai et al., 2020) and TorchDEQ's reference models:
+
+- a convolutional *stem* ``u = inject(x)``: ``downsample`` stride-2 conv/GroupNorm/ReLU stages (each halves
+  the resolution), then a 3×3 conv whose output is the input injection ``u`` (``C`` channels);
+- a residual *cell* of ``blocks`` blocks (the equilibrium map ``z* = f(z*, u)``). One block is
+
+      y = ReLU(GN₁(W₁ ∗ z)),    f(z, u) = GN₃(ReLU(z + GN₂(W₂ ∗ y + u))),
+
+  with weight-normalised convolutions ``W = g · V / ||V||`` (one norm per output channel, TorchDEQ's
+  default). GroupNorm keeps every state at unit scale, so iterates stay bounded whatever the budget, and the
+  gains ``g`` (initialised small on ``W₂``) start the map close to ``z ↦ GN₃(ReLU(z + GN₂(u)))``, which has a
+  unique, quickly reached fixed point; later blocks take no injection;
+- a *readout* that keeps spatial layout: ReLU(GN(z)), a stride-2 3×3 conv to ``2C`` channels,
+  adaptive average pooling to a ``readout_grid × readout_grid`` grid, and a linear layer.
+
+The initial state is ``z₀ = 0``. Budgets, solver and backward mode come from the :class:`~fedeq.deq.DEQ`
+layer and can be overridden per call (``model(x, f_max_iter=k)``).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +33,7 @@ from fedeq.registry import MODELS
 
 Tensor = torch.Tensor
 
-__all__ = ["ConvCell", "ConvDEQ", "build_conv_deq", "group_count"]
+__all__ = ["ConvBlock", "ConvCell", "ConvDEQ", "WNConv2d", "build_conv_deq", "group_count"]
 
 
 def group_count(channels: int) -> int:
@@ -22,48 +41,132 @@ def group_count(channels: int) -> int:
     return next(g for g in (8, 4, 2, 1) if channels % g == 0)
 
 
-class ConvCell(nn.Module):
-    """Residual conv block with input injection and GroupNorm (MDEQ-style):
-    ``f(z, u) = GN(relu(z + GN(conv₂(relu(GN(conv₁ z))) + u)))``."""
+def _gn(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(group_count(channels), channels)
 
-    def __init__(self, channels: int, hidden_mult: int = 1) -> None:
+
+class WNConv2d(nn.Conv2d):
+    """Bias-free 3×3 convolution with weight normalisation, ``W_o = g_o · V_o / ||V_o||₂`` per output
+    channel ``o`` (``V`` is the stored ``weight``; ``g`` starts at ``gain``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, gain: float = 1.0) -> None:
+        super().__init__(in_channels, out_channels, 3, padding=1, bias=False)
+        self.gain = nn.Parameter(torch.full((out_channels, 1, 1, 1), float(gain)))
+
+    def normalized_weight(self) -> Tensor:
+        v = self.weight
+        return v * (self.gain / v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.normalized_weight(), None)
+
+
+class ConvBlock(nn.Module):
+    """One residual block ``f(z, u) = GN₃(ReLU(z + GN₂(W₂ ∗ ReLU(GN₁(W₁ ∗ z)) + u)))`` (``u`` may be 0)."""
+
+    def __init__(self, channels: int, expansion: int = 1, out_gain: float = 0.1) -> None:
         super().__init__()
-        inner = channels * hidden_mult
-        self.conv1 = nn.Conv2d(channels, inner, 3, padding=1, bias=False)
-        self.conv2 = nn.Conv2d(inner, channels, 3, padding=1, bias=False)
-        self.gn1 = nn.GroupNorm(group_count(inner), inner, affine=True)
-        self.gn2 = nn.GroupNorm(group_count(channels), channels, affine=True)
-        self.gn3 = nn.GroupNorm(group_count(channels), channels, affine=True)
-        for conv in (self.conv1, self.conv2):
-            nn.init.normal_(conv.weight, 0.0, 0.01)
+        inner = channels * expansion
+        self.conv1 = WNConv2d(channels, inner)
+        self.conv2 = WNConv2d(inner, channels, gain=out_gain)
+        self.gn1, self.gn2, self.gn3 = _gn(inner), _gn(channels), _gn(channels)
+
+    def forward(self, z: Tensor, u: Tensor | None) -> Tensor:
+        y = self.conv2(F.relu(self.gn1(self.conv1(z))))
+        if u is not None:
+            y = y + u
+        return self.gn3(F.relu(z + self.gn2(y)))
+
+
+class ConvCell(nn.Module):
+    """The equilibrium map: ``blocks`` residual blocks in sequence, the injection entering the first."""
+
+    def __init__(self, channels: int, blocks: int = 1, expansion: int = 1) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(ConvBlock(channels, expansion) for _ in range(blocks))
 
     def forward(self, z: Tensor, u: Tensor) -> Tensor:
-        y = F.relu(self.gn1(self.conv1(z)))
-        y = self.gn2(self.conv2(y) + u)
-        return self.gn3(F.relu(z + y))
+        for i, block in enumerate(self.blocks):
+            z = block(z, u if i == 0 else None)
+        return z
 
 
 class ConvDEQ(nn.Module):
-    """Convolutional DEQ classifier for images of any size (8×8, 28×28, 32×32, ...)."""
+    """Convolutional DEQ classifier for images of any size (8×8, 28×28, 32×32, ...).
 
-    def __init__(self, in_channels: int, num_classes: int, channels: int = 16, **deq_settings: Any) -> None:
+    Args:
+        in_channels, num_classes: input channels and classes.
+        channels: equilibrium width ``C``.
+        downsample: stride-2 stages in the stem (the equilibrium runs at ``H / 2^downsample``).
+        blocks: residual blocks in the cell (its depth).
+        expansion: inner width multiplier of each block (``C · expansion`` channels between its convs).
+        readout_grid: side of the pooled grid the linear readout sees.
+        **deq_settings: :class:`~fedeq.deq.DEQSettings` fields (solver, budgets, backward mode, ...).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        channels: int = 32,
+        downsample: int = 1,
+        blocks: int = 1,
+        expansion: int = 1,
+        readout_grid: int = 4,
+        **deq_settings: Any,
+    ) -> None:
         super().__init__()
-        self.inject = nn.Sequential(
-            nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
-            nn.GroupNorm(group_count(channels), channels),
+        for name, value, low in [
+            ("channels", channels, 1),
+            ("downsample", downsample, 0),
+            ("blocks", blocks, 1),
+            ("expansion", expansion, 1),
+            ("readout_grid", readout_grid, 1),
+        ]:
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low} (got {value!r})")
+        stem: list[nn.Module] = []
+        width = in_channels
+        for _ in range(downsample):
+            stem += [nn.Conv2d(width, channels, 3, stride=2, padding=1, bias=False), _gn(channels), nn.ReLU()]
+            width = channels
+        stem.append(nn.Conv2d(width, channels, 3, padding=1, bias=False))
+        self.inject = nn.Sequential(*stem)
+        self.deq = DEQ(ConvCell(channels, blocks, expansion), **deq_settings)
+        wide = 2 * channels
+        self.head = nn.Sequential(
+            _gn(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, wide, 3, stride=2, padding=1, bias=False),
+            _gn(wide),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(readout_grid),
+            nn.Flatten(),
+            nn.Linear(wide * readout_grid**2, num_classes),
         )
-        self.deq = DEQ(ConvCell(channels), **deq_settings)
-        self.head = nn.Linear(channels, num_classes)
+
+    def readout(self, z: Tensor) -> Tensor:
+        """Logits from an equilibrium state ``z`` (B, C, h, w)."""
+        return self.head(z)
 
     def forward(self, x: Tensor, **deq_overrides: Any) -> ModelOutput:
         u = self.inject(x)
         out = self.deq(u, torch.zeros_like(u), **deq_overrides)
-        return ModelOutput(self.head(out.z.mean(dim=(2, 3))), out)
+        return ModelOutput(self.readout(out.z), out)
 
 
 @MODELS.register("conv_deq")
-def build_conv_deq(
-    input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any]
-) -> nn.Module:
-    """Registry factory: ``channels`` from ``cfg`` (default 16)."""
-    return ConvDEQ(input_shape[0], num_classes, channels=config_value(cfg, "channels", 16), **deq)
+def build_conv_deq(input_shape: tuple[int, ...], num_classes: int, cfg: Any) -> nn.Module:
+    """Registry factory: ``channels`` (default 32), ``downsample`` (1), ``blocks`` (1), ``expansion`` (1)
+    and ``readout_grid`` (4) from ``cfg``."""
+    sizes = {
+        key: int(config_value(cfg, key, default))
+        for key, default in [
+            ("channels", 32),
+            ("downsample", 1),
+            ("blocks", 1),
+            ("expansion", 1),
+            ("readout_grid", 4),
+        ]
+    }
+    return ConvDEQ(int(input_shape[0]), num_classes, **sizes)

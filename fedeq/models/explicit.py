@@ -35,10 +35,8 @@ class ExplicitMLP(nn.Module):
 
 
 @MODELS.register("explicit")
-def build_explicit(
-    input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any]
-) -> nn.Module:
-    """Registry factory: ``hidden`` and ``depth`` from ``cfg`` (defaults 64 and 3); ignores ``deq``."""
+def build_explicit(input_shape: tuple[int, ...], num_classes: int, cfg: Any) -> nn.Module:
+    """Registry factory: ``hidden`` and ``depth`` from ``cfg`` (defaults 64 and 3)."""
     return ExplicitMLP(
         flattened_size(input_shape),
         num_classes,

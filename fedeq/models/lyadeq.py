@@ -136,7 +136,7 @@ class LyaDEQ(nn.Module):
 
 
 @MODELS.register("lyadeq")
-def build_lyadeq(input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any]) -> nn.Module:
+def build_lyadeq(input_shape: tuple[int, ...], num_classes: int, cfg: Any) -> nn.Module:
     """Registry factory: ``hidden`` from ``cfg`` (default 64)."""
     hidden = int(config_value(cfg, "hidden", 64))
-    return LyaDEQ(int(flattened_size(input_shape)), num_classes, hidden=hidden, **deq)
+    return LyaDEQ(int(flattened_size(input_shape)), num_classes, hidden=hidden)

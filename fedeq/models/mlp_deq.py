@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedeq.deq import DEQ
-from fedeq.models.base import ModelOutput, config_value, flattened_size
+from fedeq.models.base import config_value, flattened_size
+from fedeq.models.classifier import DEQClassifier
 from fedeq.registry import MODELS
 
 Tensor = torch.Tensor
 
-__all__ = ["MLPDEQ", "SpectralScale", "TanhCell", "build_mlp_deq"]
+__all__ = ["MLPDEQ", "SpectralScale", "build_mlp_deq"]
 
 
 class SpectralScale(nn.Module):
@@ -45,19 +45,12 @@ class SpectralScale(nn.Module):
         return w * (self.gamma / sigma.clamp_min(1e-12))
 
 
-class TanhCell(nn.Module):
-    """``f(z, (u, W)) = tanh(z Wᵀ + u)``; a contraction when ``||W||₂ < 1`` since ``|tanh'| ≤ 1``."""
-
-    def forward(self, z: Tensor, ctx: tuple[Tensor, Tensor]) -> Tensor:
-        u, w = ctx
-        return torch.tanh(torch.addmm(u, z, w.T))
-
-
-class MLPDEQ(nn.Module):
+class MLPDEQ(DEQClassifier):
     """DEQ for flattened inputs: ``z* = tanh(W z* + U x + b)``, logits ``= head(z*)``.
 
     With ``contraction = γ < 1`` the weight is rescaled to spectral norm ``γ``, so the fixed point is unique
-    and every solver converges; accuracy then does not drop as the evaluation budget grows.
+    and every solver converges; accuracy then does not drop as the evaluation budget grows. The injection
+    is ``c = (U x + b, W)``: the rescaled weight is computed once per call, not per solver iteration.
     """
 
     def __init__(
@@ -68,27 +61,34 @@ class MLPDEQ(nn.Module):
         contraction: float | None = 0.9,
         **deq_settings: Any,
     ) -> None:
-        super().__init__()
         if contraction is not None and not 0 < contraction < 1:
             raise ValueError(f"contraction must be in (0, 1) or None (got {contraction!r})")
+        super().__init__(**deq_settings)
         self.hidden = hidden
         self.inject = nn.Linear(in_features, hidden)
         self.weight = nn.Parameter(torch.randn(hidden, hidden) * (0.5 / hidden**0.5))
         self.scale = SpectralScale(hidden, contraction) if contraction is not None else None
         if self.scale is not None:
             self.scale.warm_up(self.weight)
-        self.deq = DEQ(TanhCell(), **deq_settings)
         self.head = nn.Linear(hidden, num_classes)
 
-    def forward(self, x: Tensor, **deq_overrides: Any) -> ModelOutput:
-        x = x.flatten(1)
-        u = self.inject(x)
+    def injection(self, x: Tensor) -> tuple[Tensor, Tensor]:
         w = self.scale(self.weight) if self.scale is not None else self.weight
-        out = self.deq((u, w), torch.zeros_like(u), **deq_overrides)
-        return ModelOutput(self.head(out.z), out)
+        return self.inject(x.flatten(1)), w
+
+    def cell(self, z: Tensor, c: tuple[Tensor, Tensor]) -> Tensor:
+        """``tanh(z Wᵀ + u)``; a contraction when ``||W||₂ < 1`` since ``|tanh'| ≤ 1``."""
+        u, w = c
+        return torch.tanh(torch.addmm(u, z, w.T))
+
+    def init_state(self, c: tuple[Tensor, Tensor]) -> Tensor:
+        return torch.zeros_like(c[0])
 
 
 @MODELS.register("mlp_deq")
-def build_mlp_deq(input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any]) -> nn.Module:
-    """Registry factory: ``hidden`` from ``cfg`` (default 64)."""
-    return MLPDEQ(flattened_size(input_shape), num_classes, hidden=config_value(cfg, "hidden", 64), **deq)
+def build_mlp_deq(
+    input_shape: tuple[int, ...], num_classes: int, cfg: Any, contraction: float | None = 0.9
+) -> nn.Module:
+    """Registry factory: ``hidden`` from ``cfg`` (default 64); option ``contraction`` (``model.kwargs``)."""
+    hidden = config_value(cfg, "hidden", 64)
+    return MLPDEQ(flattened_size(input_shape), num_classes, hidden=hidden, contraction=contraction)

@@ -171,22 +171,18 @@ class TiedMLP(nn.Module):
 
 
 @MODELS.register("tied")
-def build_tied(input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any]) -> nn.Module:
+def build_tied(input_shape: tuple[int, ...], num_classes: int, cfg: Any) -> nn.Module:
     """Registry factory for ``tied`` (dense masks): ``hidden`` and ``depth`` from ``cfg``."""
-    return _build(input_shape, num_classes, cfg, deq, sparse=False)
+    return _build(input_shape, num_classes, cfg, sparse=False)
 
 
 @MODELS.register("tied_sparse")
-def build_tied_sparse(
-    input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any]
-) -> nn.Module:
+def build_tied_sparse(input_shape: tuple[int, ...], num_classes: int, cfg: Any) -> nn.Module:
     """Registry factory for ``tied_sparse``: also ``mask_density``, ``mask_pattern``, ``mask_seed``."""
-    return _build(input_shape, num_classes, cfg, deq, sparse=True)
+    return _build(input_shape, num_classes, cfg, sparse=True)
 
 
-def _build(
-    input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any], sparse: bool
-) -> nn.Module:
+def _build(input_shape: tuple[int, ...], num_classes: int, cfg: Any, sparse: bool) -> nn.Module:
     kwargs: dict[str, Any] = {
         "hidden": int(config_value(cfg, "hidden", 64)),
         "depth": int(config_value(cfg, "depth", 3)),
@@ -197,4 +193,4 @@ def _build(
             mask_pattern=str(config_value(cfg, "mask_pattern", "unstructured")),
             mask_seed=int(config_value(cfg, "mask_seed", 0)),
         )
-    return TiedMLP(int(flattened_size(input_shape)), num_classes, **kwargs, **deq)
+    return TiedMLP(int(flattened_size(input_shape)), num_classes, **kwargs)

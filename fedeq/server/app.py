@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from fedeq.config import RUN_CONFIG_KEY, attribute_view, config_from_run_config, to_yaml
-from fedeq.data import load_dataset, partition_sizes
+from fedeq.data import client_dataset, partition_sizes
 from fedeq.devices.assign import assign_tiers
 from fedeq.devices.clock import reply_sim_time
 from fedeq.devices.settings import tier_deq_settings
@@ -104,7 +104,7 @@ def run_server(
     sizes = partition_sizes(cfg.data, cfg.num_clients, cfg.seed)
     recorder.save_partitions(sizes, [tiers[i].name for i in assignment])
 
-    splits = load_dataset(cfg.data.name, cfg.data.path, cfg.data.test_path, cfg.data.test_fraction, cfg.seed)
+    splits = client_dataset(cfg.data, cfg.seed)
     device = resolve_device(cfg.train.device)
     model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.model)
     arrays = ArrayRecord(model.state_dict())

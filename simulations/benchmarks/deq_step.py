@@ -2,7 +2,7 @@
 
 All three columns run in one process, on the same ``f`` module with the same weights and data:
 
-- ``fedeq``: ``model(x, **settings)`` then ``loss.backward()`` through :class:`fedeq.deq.layer.DEQ` (IFT hook).
+- ``fedeq``: ``model(x, **settings)`` then ``loss.backward()`` through :class:`fedeq.deq.DEQ` (IFT hook).
 - ``torchdeq``: ``torchdeq.get_deq(core="indexing", ift=True, ...)`` wrapped around the same cell, with the
   same input injection and head before and after it.
 - ``limit``: the same number of plain ``f`` evaluations without gradient, one ``f`` with a graph, and the
@@ -76,34 +76,22 @@ def load_digits_tensors(device: torch.device) -> tuple[Tensor, Tensor, Tensor, T
 
 @dataclass
 class Case:
-    """One model + batch; ``pre`` maps the input to (cell context, z0), ``post`` maps z to logits."""
+    """One model + batch (the model's ``deq.func`` is the cell ``f(z, c)`` all columns share)."""
 
     name: str
     description: str
     build: Callable[..., nn.Module]
     x: Tensor
     y: Tensor
-    pre: Callable[[nn.Module, Tensor], tuple[Any, Tensor]]
-    post: Callable[[nn.Module, Tensor], Tensor]
 
+    def pre(self, model: nn.Module, x: Tensor) -> tuple[Any, Tensor]:
+        """The cell's context ``c`` (the model's input injection) and the initial state ``z0``."""
+        c = model.injection(x) if hasattr(model, "injection") else model.inject(x)
+        return c, (model.init_state(c) if hasattr(model, "init_state") else torch.zeros_like(c))
 
-def _mlp_pre(model: nn.Module, x: Tensor) -> tuple[Any, Tensor]:
-    u = model.inject(x.flatten(1))
-    w = model.scale(model.weight) if model.scale is not None else model.weight
-    return (u, w), torch.zeros_like(u)
-
-
-def _mlp_post(model: nn.Module, z: Tensor) -> Tensor:
-    return model.head(z)
-
-
-def _conv_pre(model: nn.Module, x: Tensor) -> tuple[Any, Tensor]:
-    u = model.inject(x)
-    return u, torch.zeros_like(u)
-
-
-def _conv_post(model: nn.Module, z: Tensor) -> Tensor:
-    return model.head(z.mean(dim=(2, 3)))
+    def post(self, model: nn.Module, z: Tensor) -> Tensor:
+        """The logits of an equilibrium ``z``."""
+        return model.readout(z)
 
 
 def _seeded(cls: type[nn.Module], *args: Any, **kwargs: Any) -> Callable[..., nn.Module]:
@@ -123,7 +111,7 @@ def make_cases(device: torch.device, which: list[str], hidden: int, batch: int) 
         x, y = xtr[:batch], ytr[:batch]
         build = _seeded(MLPDEQ, 64, 10, hidden=hidden)
         desc = f"MLPDEQ digits, hidden {hidden}, batch {x.shape[0]}"
-        cases.append(Case("mlp", desc, build, x, y, _mlp_pre, _mlp_post))
+        cases.append(Case("mlp", desc, build, x, y))
     if "conv" in which:
         if device.type == "cuda":
             channels, size, cbatch = 64, 32, 128
@@ -134,7 +122,7 @@ def make_cases(device: torch.device, which: list[str], hidden: int, batch: int) 
         y = torch.randint(0, 10, (cbatch,), generator=g).to(device)
         build = _seeded(ConvDEQ, 3, 10, channels=channels)
         desc = f"ConvDEQ {channels} ch, {size}x{size}, batch {cbatch} (random data)"
-        cases.append(Case("conv", desc, build, x, y, _conv_pre, _conv_post))
+        cases.append(Case("conv", desc, build, x, y))
     return cases
 
 
@@ -319,13 +307,25 @@ def timed(
 
 
 class CallCounter:
-    """Counts calls of a cell without gradient, with a graph, and VJPs through its outputs (census only)."""
+    """Counts calls of a DEQ's cell without gradient, with a graph, and VJPs through its outputs (census
+    only): a forward hook on a cell module, else the cell function wrapped until :meth:`remove`."""
 
-    def __init__(self, cell: nn.Module) -> None:
+    def __init__(self, deq: nn.Module) -> None:
         self.f_nograd = self.f_grad = self.vjp = 0
-        self.handle = cell.register_forward_hook(self._hook)
+        cell = deq.func
+        if isinstance(cell, nn.Module):
+            self._restore = cell.register_forward_hook(lambda module, args, out: self._count(out)).remove
+        else:
 
-    def _hook(self, module: nn.Module, args: Any, out: Tensor) -> None:
+            def counted(z: Tensor, c: Any) -> Tensor:
+                out = cell(z, c)
+                self._count(out)
+                return out
+
+            deq.func = counted
+            self._restore = lambda: setattr(deq, "func", cell)
+
+    def _count(self, out: Tensor) -> None:
         if torch.is_grad_enabled() and out.requires_grad:
             self.f_grad += 1
             out.register_hook(self._count_vjp)
@@ -336,7 +336,7 @@ class CallCounter:
         self.vjp += 1
 
     def remove(self) -> dict[str, int]:
-        self.handle.remove()
+        self._restore()
         # The last backward pass through the graphed f (into the parameters) is not part of the solve.
         return {"f_nograd": self.f_nograd, "f_grad": self.f_grad, "vjp": self.vjp - 1}
 
@@ -387,7 +387,7 @@ class Row:
 
 def census(model: nn.Module, step: Callable[[dict], Callable[[], None]]) -> tuple[dict[str, int], dict]:
     """Counts and residuals of one untimed step: ``step(info)`` runs the forward, its result the backward."""
-    counter = CallCounter(model.deq.func)
+    counter = CallCounter(model.deq)
     info: dict = {}
     model.zero_grad(set_to_none=True)
     step(info)()

@@ -14,7 +14,9 @@ the scheme a :class:`PartitionTask`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -38,10 +40,18 @@ class PartitionTask:
     alpha: float
     labels_per_client: int
     min_partition_size: int
+    columns: Mapping[str, np.ndarray] = field(default_factory=dict)
+    """Further per-example values of the dataset (say, a writer id), in the order of ``order``."""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """The values of the scheme's ``option_keys`` (``None`` where not set)."""
 
 
 class PartitionScheme(ABC):
     """A way of splitting examples into partitions (one per client)."""
+
+    option_keys: ClassVar[tuple[str, ...]] = ()
+    """Further ``data.*`` keys the scheme reads (``partition_by``, ``shard_size``, ...), found in
+    ``task.options``."""
 
     @abstractmethod
     def split(self, task: PartitionTask) -> list[np.ndarray]:
@@ -58,12 +68,16 @@ def partition_indices(
     labels_per_client: int = 2,
     seed: int = 0,
     min_partition_size: int = 2,
+    columns: Mapping[str, np.ndarray] | None = None,
+    **options: Any,
 ) -> list[np.ndarray]:
     """Split example indices ``0..len(labels)-1`` into ``num_partitions`` disjoint, sorted int64 arrays.
 
     Schemes: ``iid`` (equal random shards), ``dirichlet`` (per-class Dirichlet(alpha) proportions, every
     partition gets at least ``min_partition_size`` examples), ``shards`` (pathological: each partition
     holds ``labels_per_client`` classes) and any registered one. Deterministic for a given ``seed``.
+    ``columns`` are further per-example values (``natural`` splits by one of them); ``options`` are the
+    ``data.*`` keys of the scheme's ``option_keys`` (others are ignored).
     """
     labels = np.asarray(labels).reshape(-1)
     n = int(labels.shape[0])
@@ -77,6 +91,7 @@ def partition_indices(
         raise ValueError(
             f"num_partitions: must be in [1, {n}] (the number of examples), got {num_partitions}"
         )
+    cls = PARTITIONERS.get(scheme)
     # Rows are stored in a seeded order so that every scheme (IidPartitioner has no seed) depends on it.
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
@@ -89,5 +104,7 @@ def partition_indices(
         alpha=alpha,
         labels_per_client=labels_per_client,
         min_partition_size=min_partition_size,
+        columns={k: np.asarray(v)[order] for k, v in (columns or {}).items()},
+        options={k: options.get(k) for k in getattr(cls, "option_keys", ())},
     )
-    return PARTITIONERS.get(scheme)().split(task)
+    return cls().split(task)

@@ -44,14 +44,17 @@ def computed_partitions(partitioner: Partitioner, order: np.ndarray) -> list[np.
     against ``load_partition`` on every call, and ``tests/test_partition_equivalence.py`` fails when the
     attribute disappears or changes meaning.
     """
-    from flwr_datasets.partitioner import IidPartitioner
+    from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner
 
     num = partitioner.num_partitions
     index = order.astype(np.int64)
     if type(partitioner) is IidPartitioner:
         return [np.sort(shard) for shard in np.array_split(index, num)]
     rows = getattr(partitioner, "_partition_id_to_indices", None)
-    if not getattr(partitioner, "_partition_id_to_indices_determined", False) or not isinstance(rows, dict):
+    # NaturalIdPartitioner has no flag: it fills the dictionary for every id on its first load_partition.
+    natural = type(partitioner) is NaturalIdPartitioner
+    determined = getattr(partitioner, "_partition_id_to_indices_determined", natural and bool(rows))
+    if not determined or not isinstance(rows, dict):
         return None
     if sorted(rows) != list(range(num)):
         return None

@@ -196,19 +196,17 @@ class ConvMonDEQ(_MonotoneEquilibrium):
 
 
 @MODELS.register("mondeq")
-def build_mondeq(input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any]) -> nn.Module:
+def build_mondeq(input_shape: tuple[int, ...], num_classes: int, cfg: Any) -> nn.Module:
     """Registry factory: ``hidden`` and ``monotone_m`` from ``cfg`` (defaults 64 and 0.1)."""
     m = float(config_value(cfg, "monotone_m", 0.1))
     hidden = int(config_value(cfg, "hidden", 64))
-    return MonDEQ(int(flattened_size(input_shape)), num_classes, hidden=hidden, monotone_m=m, **deq)
+    return MonDEQ(int(flattened_size(input_shape)), num_classes, hidden=hidden, monotone_m=m)
 
 
 @MODELS.register("conv_mondeq")
-def build_conv_mondeq(
-    input_shape: tuple[int, ...], num_classes: int, cfg: Any, deq: dict[str, Any]
-) -> nn.Module:
+def build_conv_mondeq(input_shape: tuple[int, ...], num_classes: int, cfg: Any) -> nn.Module:
     """Registry factory: ``channels`` and ``monotone_m`` from ``cfg`` (defaults 16 and 0.1)."""
     m = float(config_value(cfg, "monotone_m", 0.1))
     return ConvMonDEQ(
-        int(input_shape[0]), num_classes, channels=int(config_value(cfg, "channels", 16)), monotone_m=m, **deq
+        int(input_shape[0]), num_classes, channels=int(config_value(cfg, "channels", 16)), monotone_m=m
     )

@@ -1,0 +1,48 @@
+"""``pathological``: each partition holds ``data.labels_per_client`` classes (``PathologicalPartitioner``).
+
+Classes are given to partitions as ``data.class_assignment`` says (Flower Datasets' modes ``random``,
+``deterministic`` or ``first-deterministic``), seeded by the run seed; each class is divided among the
+partitions that hold it. ``shards`` is the seeded first-deterministic variant kept for older configs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedeq.config.errors import ConfigError
+from fedeq.data.partition.base import PartitionScheme, PartitionTask
+from fedeq.data.partition.flower import run_partitioner
+from fedeq.registry import PARTITIONERS
+
+__all__ = ["CLASS_ASSIGNMENTS", "Pathological"]
+
+CLASS_ASSIGNMENTS = ("random", "deterministic", "first-deterministic")
+"""The values of ``data.class_assignment``."""
+
+
+@PARTITIONERS.register("pathological")
+class Pathological(PartitionScheme):
+    """Label skew: ``labels_per_client`` classes per partition, assigned by ``class_assignment``."""
+
+    option_keys = ("class_assignment",)
+
+    def split(self, task: PartitionTask) -> list[np.ndarray]:
+        from flwr_datasets.partitioner import PathologicalPartitioner
+
+        k = int(task.labels_per_client)
+        num_classes = int(np.unique(task.labels).size)
+        if not 1 <= k <= num_classes:
+            allowed = f"an integer in [1, {num_classes}]"
+            raise ConfigError("data.labels_per_client", "out of range", allowed, k)
+        mode = task.options.get("class_assignment") or "random"
+        if mode not in CLASS_ASSIGNMENTS:
+            raise ConfigError("data.class_assignment", "unknown value", " | ".join(CLASS_ASSIGNMENTS), mode)
+        partitioner = PathologicalPartitioner(
+            num_partitions=task.num_partitions,
+            partition_by="label",
+            num_classes_per_partition=k,
+            class_assignment_mode=mode,
+            shuffle=False,
+            seed=task.seed,
+        )
+        return run_partitioner(partitioner, task.order, task.labels)

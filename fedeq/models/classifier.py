@@ -1,0 +1,100 @@
+""":class:`DEQClassifier`: the base class of a DEQ classifier, so that a new model is mostly its cell.
+
+A DEQ classifier has four parts::
+
+    c = injection(x)               input injection, computed once per call
+    z* = cell(z*, c)               the equilibrium, found from z0 = init_state(c)
+    logits = readout(z*)
+
+A subclass writes :meth:`~DEQClassifier.cell` and, when the defaults do not fit, the other three
+methods. The base class owns the :class:`~fedeq.deq.DEQ` layer (``self.deq``): its solver, budgets and
+backward mode come from the constructor's ``deq_settings`` (set by :func:`~fedeq.models.build_model`)
+and, per call, from the overrides that ``forward(x, **deq_overrides)`` receives (a device tier's
+settings in a federated run). :meth:`~DEQClassifier.parts` exposes the same four parts to input
+optimization (JIIO, entropy-reducing input updates).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedeq.deq import DEQ
+from fedeq.models.base import DEQParts, ModelOutput
+
+Tensor = torch.Tensor
+
+__all__ = ["DEQClassifier"]
+
+
+class DEQClassifier(nn.Module):
+    """Base class of DEQ classifiers: ``logits = readout(z*)`` with ``z* = cell(z*, injection(x))``.
+
+    Args:
+        input_shape, num_classes, width: with ``width``, the base creates the default injection
+            ``self.inject`` (a linear map of the flattened input to ``width`` features) and the default
+            readout ``self.head`` (a linear map of ``z*`` to the logits). Without ``width`` the subclass
+            overrides :meth:`injection` and :meth:`readout` (or creates ``inject`` and ``head`` itself).
+        **deq_settings: defaults of the DEQ layer (fields of :class:`~fedeq.deq.DEQSettings`).
+
+    Override the methods, never assign modules under their names: keep a cell's layers under other
+    attribute names (``self.lin``, ``self.norm``) and use them in :meth:`cell`.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int] | None = None,
+        num_classes: int | None = None,
+        width: int | None = None,
+        **deq_settings: Any,
+    ) -> None:
+        super().__init__()
+        if width is not None:
+            if input_shape is None or num_classes is None:
+                raise ValueError("DEQClassifier: width needs input_shape and num_classes for the defaults")
+            self.inject = nn.Linear(math.prod(input_shape), width)
+            self.head = nn.Linear(width, num_classes)
+        self.deq = DEQ(self.cell, **deq_settings)
+
+    def injection(self, x: Tensor) -> Any:
+        """``c = injection(x)``, computed once per call; default ``self.inject(x.flatten(1))``."""
+        inject = self._modules.get("inject")
+        if inject is None:
+            raise NotImplementedError(f"{type(self).__name__}: pass width= or override injection(x)")
+        return inject(x.flatten(1))
+
+    def cell(self, z: Tensor, c: Any) -> Tensor:
+        """The equilibrium map ``z ↦ cell(z, c)``: the one method every subclass writes."""
+        raise NotImplementedError(f"{type(self).__name__} must define cell(z, c)")
+
+    def init_state(self, c: Any) -> Tensor:
+        """The solver's initial state ``z0``; default zeros shaped like ``c``."""
+        return torch.zeros_like(c)
+
+    def readout(self, z: Tensor) -> Tensor:
+        """The logits of the equilibrium; default ``self.head(z)``."""
+        head = self._modules.get("head")
+        if head is None:
+            raise NotImplementedError(f"{type(self).__name__}: pass width= or override readout(z)")
+        return head(z)
+
+    def forward(self, x: Tensor, **deq_overrides: Any) -> ModelOutput:
+        """Logits and the DEQ statistics; ``deq_overrides`` (solver, budgets, backward, ...) apply to
+        this call only."""
+        c = self.injection(x)
+        out = self.deq(c, self.init_state(c), **deq_overrides)
+        return ModelOutput(self.readout(out.z), out)
+
+    def parts(self) -> DEQParts:
+        """The four parts as functions, for input optimization (:func:`fedeq.models.parts.deq_parts`)."""
+        return DEQParts(
+            inject=self.injection,
+            cell=self.deq.func,
+            readout=self.readout,
+            z0=self.init_state,
+            settings=self.deq.settings,
+        )
