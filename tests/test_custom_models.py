@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -34,6 +33,7 @@ from fedeq.models import (
 )
 from fedeq.models.parts import deq_parts
 from fedeq.registry import MODELS
+from tests.doc_blocks import fenced_blocks, write_doc_files
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "simulations" / "configs" / "quick.yaml"
@@ -370,23 +370,11 @@ def test_unknown_factory_kwargs_exit_2_naming_the_key(tmp_path):
 
 
 def _doc_blocks() -> list[tuple[str, str]]:
-    """The fenced blocks of docs/custom_models.md as ``(language, code)``, in order."""
-    text = DOC.read_text(encoding="utf-8")
-    return [(m.group(1), m.group(2)) for m in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.S | re.M)]
+    return fenced_blocks(DOC)
 
 
 def _write_doc_files(folder: Path) -> list[str]:
-    """Write the ``# file: NAME`` blocks into ``folder``; return the other python blocks."""
-    code = []
-    for lang, block in _doc_blocks():
-        if lang != "python":
-            continue
-        first, _, rest = block.partition("\n")
-        if first.startswith("# file: "):
-            (folder / first.removeprefix("# file: ").strip()).write_text(rest, encoding="utf-8")
-        else:
-            code.append(block)
-    return code
+    return write_doc_files(DOC, folder)
 
 
 def test_the_documented_error_line_is_what_the_cli_prints(tmp_path):

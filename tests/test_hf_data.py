@@ -23,6 +23,7 @@ from fedeq.cli.main import main
 from fedeq.config import ConfigError, load_config
 from fedeq.data import check_data, client_partitions, load_dataset, partition_indices, register_dataset
 from fedeq.registry import DATASETS, PARTITIONERS
+from tests.doc_blocks import fenced_blocks, run_doc
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "simulations" / "configs" / "quick.yaml"
@@ -308,8 +309,7 @@ def test_saved_dataset_trains_with_natural_partitions(sources, tmp_path) -> None
 
 
 def _doc_blocks() -> list[str]:
-    text = (ROOT / "docs" / "custom_data.md").read_text(encoding="utf-8")
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return [code for lang, code in fenced_blocks(ROOT / "docs" / "custom_data.md") if lang == "python"]
 
 
 def test_doc_has_a_plugin_file_and_a_federated_run() -> None:
@@ -323,14 +323,10 @@ def test_doc_has_a_plugin_file_and_a_federated_run() -> None:
 def test_doc_code_runs(tmp_path, monkeypatch) -> None:
     """Each ```python block runs in order in a fresh folder; a block starting ``# file: NAME`` is saved."""
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    for block in _doc_blocks():
-        first = block.splitlines()[0]
-        if first.startswith("# file: "):
-            (tmp_path / first.removeprefix("# file: ").strip()).write_text(block, encoding="utf-8")
-        else:
-            exec(compile(block, "docs/custom_data.md", "exec"), namespace)
-    DATASETS.unregister("blobs")
+    try:
+        run_doc(ROOT / "docs" / "custom_data.md", tmp_path)
+    finally:
+        DATASETS.unregister("blobs")
     (summary_file,) = (tmp_path / "outputs").glob("*/summary.json")
     summary = json.loads(summary_file.read_text())
     assert summary["rounds_completed"] == 2 and summary["final_test_acc"] > 0.6
