@@ -26,28 +26,6 @@ def probe(message: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=message)
 
 
-echo_app = ClientApp()
-
-
-@echo_app.train()
-def echo_train(message: Message, context: Context) -> Message:
-    """The trivial client of the engine benchmark: echo the arrays with a few metrics, no Ray calls."""
-    metrics = {
-        "num-examples": 1,
-        "partition-id": int(context.node_config.get("partition-id", -1)),
-        "train-loss": 0.0,
-    }
-    arrays = message.content.array_records["arrays"]
-    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=message)
-
-
-@echo_app.evaluate()
-def echo_evaluate(message: Message, context: Context) -> Message:
-    """Evaluation counterpart of :func:`echo_train`: metrics only."""
-    metrics = {"num-examples": 1, "eval-loss": 0.0}
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
-
-
 fault_app = ClientApp()
 
 

@@ -266,3 +266,17 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     ca = pd.read_csv(ref / "clients.csv").drop(columns=timings)
     cb = pd.read_csv(tmp_path / "killed" / "clients.csv").drop(columns=timings)
     pd.testing.assert_frame_equal(ca, cb)
+
+
+def test_flower_task_identity_slots_that_server_identity_restores() -> None:
+    """``server_identity`` saves and restores Flower's private ``TaskIdentity`` slots (the public getters
+    raise while unset); flwr is pinned to 1.41.x for this, and this test fails if the slots change."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedeq.engines.ray.engine import server_identity
+
+    before = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    with server_identity(run_id=7):
+        assert (TaskIdentity.task_id, TaskIdentity.run_id) == (7, 7)
+        assert (TaskIdentity._task_id, TaskIdentity._run_id) == (7, 7)
+    assert (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id) == before

@@ -2,8 +2,8 @@
 
 The model has three parts, in the style of MDEQ (Bai et al., 2020) and TorchDEQ's reference models:
 
-- a convolutional *stem* ``u = inject(x)``: ``downsample`` stride-2 conv/GroupNorm/ReLU stages (each halves
-  the resolution), then a 3×3 conv whose output is the input injection ``u`` (``C`` channels);
+- a convolutional *stem* ``u = inject(x)``: a 3×3 conv to ``C`` channels, then ``downsample`` stages of
+  GroupNorm, ReLU and a stride-2 3×3 conv (each halves the resolution); its output is the injection ``u``;
 - a residual *cell* of ``blocks`` blocks (the equilibrium map ``z* = f(z*, u)``). One block is
 
       y = ReLU(GN₁(W₁ ∗ z)),    f(z, u) = GN₃(ReLU(z + GN₂(W₂ ∗ y + u))),
@@ -15,8 +15,9 @@ The model has three parts, in the style of MDEQ (Bai et al., 2020) and TorchDEQ'
 - a *readout* that keeps spatial layout: ReLU(GN(z)), a stride-2 3×3 conv to ``2C`` channels,
   adaptive average pooling to a ``readout_grid × readout_grid`` grid, and a linear layer.
 
-The initial state is ``z₀ = 0``. Budgets, solver and backward mode come from the :class:`~fedeq.deq.DEQ`
-layer and can be overridden per call (``model(x, f_max_iter=k)``).
+It is a :class:`~fedeq.models.DEQClassifier` (``injection``, ``cell``, ``readout``, initial state
+``z₀ = 0``): budgets, solver and backward mode come from its :class:`~fedeq.deq.DEQ` layer and can be
+overridden per call (``model(x, f_max_iter=k)``).
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedeq.deq import DEQ
-from fedeq.models.base import ModelOutput, config_value
+from fedeq.models.base import config_value
+from fedeq.models.classifier import DEQClassifier
 from fedeq.registry import MODELS
 
 Tensor = torch.Tensor
 
-__all__ = ["ConvBlock", "ConvCell", "ConvDEQ", "WNConv2d", "build_conv_deq", "group_count"]
+__all__ = ["ConvBlock", "ConvDEQ", "WNConv2d", "build_conv_deq", "group_count"]
 
 
 def group_count(channels: int) -> int:
@@ -78,20 +79,7 @@ class ConvBlock(nn.Module):
         return self.gn3(F.relu(z + self.gn2(y)))
 
 
-class ConvCell(nn.Module):
-    """The equilibrium map: ``blocks`` residual blocks in sequence, the injection entering the first."""
-
-    def __init__(self, channels: int, blocks: int = 1, expansion: int = 1) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(ConvBlock(channels, expansion) for _ in range(blocks))
-
-    def forward(self, z: Tensor, u: Tensor) -> Tensor:
-        for i, block in enumerate(self.blocks):
-            z = block(z, u if i == 0 else None)
-        return z
-
-
-class ConvDEQ(nn.Module):
+class ConvDEQ(DEQClassifier):
     """Convolutional DEQ classifier for images of any size (8×8, 28×28, 32×32, ...).
 
     Args:
@@ -108,14 +96,13 @@ class ConvDEQ(nn.Module):
         self,
         in_channels: int,
         num_classes: int,
-        channels: int = 32,
+        channels: int = 24,
         downsample: int = 1,
         blocks: int = 1,
         expansion: int = 1,
         readout_grid: int = 4,
         **deq_settings: Any,
     ) -> None:
-        super().__init__()
         for name, value, low in [
             ("channels", channels, 1),
             ("downsample", downsample, 0),
@@ -123,16 +110,18 @@ class ConvDEQ(nn.Module):
             ("expansion", expansion, 1),
             ("readout_grid", readout_grid, 1),
         ]:
-            if not isinstance(value, int) or value < low:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low} (got {value!r})")
-        stem: list[nn.Module] = []
-        width = in_channels
+        super().__init__(**deq_settings)
+        stem: list[nn.Module] = [nn.Conv2d(in_channels, channels, 3, padding=1, bias=False)]
         for _ in range(downsample):
-            stem += [nn.Conv2d(width, channels, 3, stride=2, padding=1, bias=False), _gn(channels), nn.ReLU()]
-            width = channels
-        stem.append(nn.Conv2d(width, channels, 3, padding=1, bias=False))
+            stem += [
+                _gn(channels),
+                nn.ReLU(),
+                nn.Conv2d(channels, channels, 3, stride=2, padding=1, bias=False),
+            ]
         self.inject = nn.Sequential(*stem)
-        self.deq = DEQ(ConvCell(channels, blocks, expansion), **deq_settings)
+        self.blocks = nn.ModuleList(ConvBlock(channels, expansion) for _ in range(blocks))
         wide = 2 * channels
         self.head = nn.Sequential(
             _gn(channels),
@@ -145,24 +134,25 @@ class ConvDEQ(nn.Module):
             nn.Linear(wide * readout_grid**2, num_classes),
         )
 
-    def readout(self, z: Tensor) -> Tensor:
-        """Logits from an equilibrium state ``z`` (B, C, h, w)."""
-        return self.head(z)
+    def injection(self, x: Tensor) -> Tensor:
+        """``u = inject(x)``: the stem's (B, C, H / 2^downsample, W / 2^downsample) feature map."""
+        return self.inject(x)
 
-    def forward(self, x: Tensor, **deq_overrides: Any) -> ModelOutput:
-        u = self.inject(x)
-        out = self.deq(u, torch.zeros_like(u), **deq_overrides)
-        return ModelOutput(self.readout(out.z), out)
+    def cell(self, z: Tensor, c: Tensor) -> Tensor:
+        """The residual blocks in sequence, the injection ``c`` entering the first."""
+        for i, block in enumerate(self.blocks):
+            z = block(z, c if i == 0 else None)
+        return z
 
 
 @MODELS.register("conv_deq")
 def build_conv_deq(input_shape: tuple[int, ...], num_classes: int, cfg: Any) -> nn.Module:
-    """Registry factory: ``channels`` (default 32), ``downsample`` (1), ``blocks`` (1), ``expansion`` (1)
+    """Registry factory: ``channels`` (default 24), ``downsample`` (1), ``blocks`` (1), ``expansion`` (1)
     and ``readout_grid`` (4) from ``cfg``."""
     sizes = {
         key: int(config_value(cfg, key, default))
         for key, default in [
-            ("channels", 32),
+            ("channels", 24),
             ("downsample", 1),
             ("blocks", 1),
             ("expansion", 1),

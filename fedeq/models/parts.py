@@ -36,7 +36,7 @@ def deq_parts(model: nn.Module) -> DEQParts:
         return DEQParts(
             inject=c_model.inject,
             cell=c_model.deq.func,
-            readout=lambda z: c_model.head(z.mean(dim=(2, 3))),
+            readout=c_model.readout,
             z0=torch.zeros_like,
             settings=c_model.deq.settings,
         )
