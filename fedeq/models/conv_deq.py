@@ -1,6 +1,6 @@
 """``conv_deq``: a small multiscale-DEQ-style convolutional classifier for images of any size.
 
-The model has three parts, in the style of MDEQ (Bai et al., 2020) and TorchDEQ's reference models:
+Three parts, in the style of MDEQ (Bai et al., 2020) and TorchDEQ's reference models:
 
 - a convolutional *stem* ``u = inject(x)``: a 3×3 conv to ``C`` channels, then ``downsample`` stages of
   GroupNorm, ReLU and a stride-2 3×3 conv (each halves the resolution); its output is the injection ``u``;
@@ -8,12 +8,14 @@ The model has three parts, in the style of MDEQ (Bai et al., 2020) and TorchDEQ'
 
       y = ReLU(GN₁(W₁ ∗ z)),    f(z, u) = GN₃(ReLU(z + GN₂(W₂ ∗ y + u))),
 
-  with weight-normalised convolutions ``W = g · V / ||V||`` (one norm per output channel, TorchDEQ's
-  default). GroupNorm keeps every state at unit scale, so iterates stay bounded whatever the budget, and the
-  gains ``g`` (initialised small on ``W₂``) start the map close to ``z ↦ GN₃(ReLU(z + GN₂(u)))``, which has a
-  unique, quickly reached fixed point; later blocks take no injection;
-- a *readout* that keeps spatial layout: ReLU(GN(z)), a stride-2 3×3 conv to ``2C`` channels,
-  adaptive average pooling to a ``readout_grid × readout_grid`` grid, and a linear layer.
+  with weight-normalised convolutions ``W = g · V / ||V||`` (one norm per output channel, as TorchDEQ's
+  default norm). The final GroupNorm fixes the scale of every iterate (up to its learned affine map), so
+  no budget can make the state blow up; the gains ``g`` of ``W₂`` start at 0.1, so at initialisation
+  ``f`` is close to ``z ↦ GN₃(ReLU(z + GN₂(u)))`` and the solvers reach small residuals in a few steps.
+  Nothing forces a contraction during training: the fixed-point residual is reported per call
+  (``out.deq.forward``). Blocks after the first take no injection;
+- a *readout* that keeps spatial layout: ReLU(GN(z)), a stride-2 3×3 conv to ``2C`` channels, adaptive
+  average pooling to a ``readout_grid × readout_grid`` grid, and a linear layer.
 
 It is a :class:`~fedeq.models.DEQClassifier` (``injection``, ``cell``, ``readout``, initial state
 ``z₀ = 0``): budgets, solver and backward mode come from its :class:`~fedeq.deq.DEQ` layer and can be

@@ -7,8 +7,8 @@ model with input injection ``c = inject(x)``, cell ``z ↦ cell(z, c)`` and read
     f(z, x) = cell(z, inject(x)),    z* = f(z*, x),    logits = readout(z*).
 
 :func:`deq_parts` returns these functions for every :class:`~fedeq.models.DEQClassifier` (such as
-:class:`~fedeq.models.mlp_deq.MLPDEQ`), for :class:`~fedeq.models.conv_deq.ConvDEQ`, and for any module
-exposing a ``parts()`` method returning :class:`DEQParts`.
+:class:`~fedeq.models.mlp_deq.MLPDEQ` and :class:`~fedeq.models.conv_deq.ConvDEQ`) and for any module exposing
+a ``parts()`` method returning :class:`DEQParts`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from fedeq.models.base import DEQParts
-from fedeq.models.conv_deq import ConvDEQ
 
 Tensor = torch.Tensor
 
@@ -31,18 +30,9 @@ def deq_parts(model: nn.Module) -> DEQParts:
         parts = custom()
         if isinstance(parts, DEQParts):
             return parts
-    if isinstance(model, ConvDEQ):
-        c_model = model
-        return DEQParts(
-            inject=c_model.inject,
-            cell=c_model.deq.func,
-            readout=c_model.readout,
-            z0=torch.zeros_like,
-            settings=c_model.deq.settings,
-        )
     raise TypeError(
-        "input optimization needs a DEQ model with an exposed equilibrium map (a DEQClassifier, ConvDEQ or "
-        f"a module with parts()); got {type(model).__name__}"
+        "input optimization needs a DEQ model with an exposed equilibrium map (a DEQClassifier or a module "
+        f"with parts()); got {type(model).__name__}"
     )
 
 
