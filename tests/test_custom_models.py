@@ -369,6 +369,15 @@ def test_unknown_factory_kwargs_exit_2_naming_the_key(tmp_path):
     assert not out.exists()
 
 
+def test_a_factory_refusing_its_option_values_exits_2_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    res = _cli("simulate", str(QUICK), "model.kwargs.contraction=2", f"output_dir={out}", cwd=tmp_path)
+    line = _one_line_exit_2(res)
+    assert line.startswith("fedeq: error: model.kwargs: the model factory refused its options (ValueError: ")
+    assert "contraction must be in (0, 1)" in line and line.endswith("(got {'contraction': 2})")
+    assert not out.exists()
+
+
 def _doc_blocks() -> list[tuple[str, str]]:
     return fenced_blocks(DOC)
 

@@ -4,10 +4,11 @@ the checks a config must pass before any work starts."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from fedeq.config import ConfigError
 
-__all__ = ["check_runnable", "split_config_args"]
+__all__ = ["check_model", "check_runnable", "split_config_args"]
 
 
 def split_config_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -26,12 +27,34 @@ def split_config_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
     return path, overrides
 
 
-def check_runnable(cfg: object) -> None:
-    """Checks that need the registries (strategy name and kwargs) and the data (the dataset's own
-    check, its contents and the partition over clients), still before any work."""
+def check_runnable(cfg: Any) -> None:
+    """Checks that need the registries (strategy name and kwargs), the data (the dataset's own check, its
+    contents and the partition over clients) and the model (built once from ``model.*``), still before any
+    work."""
     from fedeq.data import check_data
     from fedeq.server.app import strategy_for
 
     report = check_data(cfg, warn=False)
+    check_model(cfg)
     strategy_for(cfg)
     report.warn()  # after every check: an invalid config prints its error line alone
+
+
+def check_model(cfg: Any) -> None:
+    """Build the model once on the dataset's shapes: a factory that refuses its options (a value out of its
+    range in ``model.kwargs``, say) becomes a :class:`ConfigError` naming the key, before any work."""
+    from fedeq.data import client_dataset
+    from fedeq.models import build_model
+
+    splits = client_dataset(cfg.data, cfg.seed)
+    try:
+        build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.model)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        kwargs = dict(cfg.model.kwargs or {})
+        key, got = ("model.kwargs", kwargs) if kwargs else ("model.name", cfg.model.name)
+        problem = (
+            f"the model factory refused its options ({type(exc).__name__}: {' '.join(str(exc).split())})"
+        )
+        raise ConfigError(key, problem, "options the model factory accepts", got) from None

@@ -15,6 +15,7 @@ __all__ = ["quiet_flower_logs", "simulate"]
 def quiet_flower_logs(level: int = logging.WARNING) -> None:
     """Flower logs every message at INFO; keep the console for fedeq's round lines."""
     import flwr.common  # noqa: F401 - Flower sets its logger to DEBUG on first import: import it first
+
     logging.getLogger("flwr").setLevel(level)
 
 
