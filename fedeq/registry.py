@@ -41,6 +41,7 @@ __all__ = [
     "Registry",
     "import_plugins",
     "load_object",
+    "plugin_spec",
 ]
 
 T = TypeVar("T")
@@ -175,6 +176,12 @@ def _is_path(spec: str) -> bool:
     return spec.endswith(".py") or "/" in spec or "\\" in spec
 
 
+def plugin_spec(spec: str) -> str:
+    """A plugin entry as :func:`import_plugins` knows it: a ``.py`` file path made absolute (against the
+    current directory), a module name unchanged."""
+    return str(Path(spec).expanduser().resolve()) if _is_path(spec) else spec
+
+
 def _import_file(spec: str) -> ModuleType:
     path = Path(spec).expanduser().resolve()
     if not path.is_file():
@@ -217,7 +224,7 @@ def import_plugins(specs: Iterable[str] | None) -> list[ModuleType]:
     for spec in specs or ():
         if not isinstance(spec, str) or not spec.strip():
             raise PluginError(str(spec), "expected a module name or a .py file path")
-        key = str(Path(spec).expanduser().resolve()) if _is_path(spec) else spec
+        key = plugin_spec(spec)
         with _PLUGIN_LOCK:
             module = _PLUGINS.get(key)
             if module is None:

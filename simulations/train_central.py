@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fedeq.config import load_config
-from fedeq.data import load_dataset
+from fedeq.data import client_dataset
 from fedeq.devices.settings import tier_deq_settings
 from fedeq.models import build_model, num_parameters
 from fedeq.train import accuracy_vs_budget, evaluate, train_local
@@ -64,14 +64,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(ns.threads)
     cfg = load_config(ns.config, ns.overrides)
     torch.manual_seed(cfg.seed)
-    d = cfg.data
-    splits = load_dataset(d.name, d.path, d.test_path, d.test_fraction, cfg.seed)
+    splits = client_dataset(cfg.data, cfg.seed)
     model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.model)
     settings = deq_settings(cfg, ns)
     lr0 = ns.lr or cfg.train.lr
     batch = ns.batch_size or cfg.train.batch_size
     print(
-        f"{cfg.model.name} on {d.name}: {num_parameters(model):,} parameters, "
+        f"{cfg.model.name} on {cfg.data.name}: {num_parameters(model):,} parameters, "
         f"{len(splits.y_train):,} train / {len(splits.y_test):,} test, threads {torch.get_num_threads()}, "
         f"DEQ {settings}"
     )

@@ -13,15 +13,14 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
-from uuid import uuid4
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
-from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+from fedeq.engines.run_grid import RunGrid, assign_message_id
 
 __all__ = [
     "DEFAULT_RUN_ID",
@@ -56,12 +55,6 @@ def task_identity(
         yield
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
-def assign_message_id(message: Message) -> Message:
-    """Give ``message`` a unique id, as the SuperLink/in-memory grid does on push."""
-    message.metadata.__dict__["_message_id"] = str(uuid4())
-    return message
 
 
 def to_array_record(arrays: ArrayRecord | Mapping[str, Any]) -> ArrayRecord:
@@ -138,7 +131,7 @@ def make_error_reply(
     return assign_message_id(Message(Error(code=code, reason=reason), reply_to=instruction))
 
 
-class LocalGrid(Grid):
+class LocalGrid(RunGrid):
     """In-process Grid dispatching each message to a Python function per node id.
 
     Clients get a deep copy of the instruction (as if it had been serialised) and return the
@@ -147,30 +140,10 @@ class LocalGrid(Grid):
     """
 
     def __init__(self, clients: Mapping[int, ClientFn], run_id: int = DEFAULT_RUN_ID) -> None:
+        super().__init__(run_id)
         self.clients: dict[int, ClientFn] = dict(clients)
-        self._run = Run.create_empty(run_id)
         self._replies: dict[str, Message] = {}
         self.sent: list[Message] = []
-
-    def set_run(self, run: Run) -> None:
-        """Set the run this grid operates in."""
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        """Run information."""
-        return self._run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Create an instruction Message."""
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         """Node ids of the registered clients."""

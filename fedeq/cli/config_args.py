@@ -4,9 +4,12 @@ the checks a config must pass before any work starts."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedeq.config import ConfigError
+
+if TYPE_CHECKING:
+    from fedeq.data import DatasetSplits
 
 __all__ = ["check_model", "check_runnable", "split_config_args"]
 
@@ -35,18 +38,17 @@ def check_runnable(cfg: Any) -> None:
     from fedeq.server.app import strategy_for
 
     report = check_data(cfg, warn=False)
-    check_model(cfg)
+    check_model(cfg, report.splits)
     strategy_for(cfg)
     report.warn()  # after every check: an invalid config prints its error line alone
 
 
-def check_model(cfg: Any) -> None:
-    """Build the model once on the dataset's shapes: a factory that refuses its options (a value out of its
-    range in ``model.kwargs``, say) becomes a :class:`ConfigError` naming the key, before any work."""
-    from fedeq.data import client_dataset
+def check_model(cfg: Any, splits: DatasetSplits) -> None:
+    """Build the model once on the shapes of ``splits`` (the dataset :func:`fedeq.data.check_data` loaded):
+    a factory that refuses its options (a value out of its range in ``model.kwargs``, say) becomes a
+    :class:`ConfigError` naming the key, before any work."""
     from fedeq.models import build_model
 
-    splits = client_dataset(cfg.data, cfg.seed)
     try:
         build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.model)
     except ConfigError:

@@ -33,15 +33,14 @@ def add_simulate_parser(sub: Any) -> argparse.ArgumentParser:
 
 def _resume_config(resume: Path, args: list[str]) -> Any:
     """The config of the run in ``resume``, checked for resuming (``ConfigError`` naming ``--resume``)."""
-    from fedeq.engines import resumable_engines
-    from fedeq.registry import ENGINES
+    from fedeq.engines import resumable_engines, resume_refused
 
     if args:
         raise ConfigError("--resume", "takes no config or overrides", "--resume OUTPUT_DIR alone", args)
     if not (resume / "checkpoint.pkl").is_file() or not (resume / "config.yaml").is_file():
         raise ConfigError("--resume", "no checkpoint.pkl and config.yaml", "a fedeq run folder", str(resume))
     cfg = load_config(resume / "config.yaml")
-    if not getattr(ENGINES.get(cfg.engine), "supports_resume", False):
+    if resume_refused(cfg.engine) is not None:
         allowed = " | ".join(f"engine={name}" for name in resumable_engines())
         raise ConfigError("--resume", f"only runs on {allowed} can be resumed", allowed, cfg.engine)
     from fedeq.results.checkpoint import load_checkpoint

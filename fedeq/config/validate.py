@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -11,16 +10,9 @@ from pydantic import BaseModel, ValidationError
 from fedeq.config.errors import ConfigError
 from fedeq.config.schema import FedeqConfig
 from fedeq.config.translate import config_error
-from fedeq.registry import PluginError, import_plugins
+from fedeq.registry import PluginError, import_plugins, plugin_spec
 
 __all__ = ["build", "load_plugins", "validate"]
-
-
-def _absolute(spec: str) -> str:
-    """A ``.py`` file path made absolute (against the current directory); a module name unchanged."""
-    if spec.endswith(".py") or "/" in spec or "\\" in spec:
-        return str(Path(spec).expanduser().resolve())
-    return spec
 
 
 def load_plugins(specs: Any) -> Any:
@@ -34,8 +26,9 @@ def load_plugins(specs: Any) -> Any:
     resolved: list[Any] = []
     for i, spec in enumerate(specs):
         if isinstance(spec, str):
+            absolute = plugin_spec(spec)
             try:
-                import_plugins([_absolute(spec)])
+                import_plugins([absolute])
             except PluginError as exc:
                 raise ConfigError(
                     f"plugins[{i}]",
@@ -43,7 +36,7 @@ def load_plugins(specs: Any) -> Any:
                     "an importable module name or an existing .py file",
                     spec,
                 ) from None
-            spec = _absolute(spec)
+            spec = absolute
         resolved.append(spec)
     return resolved
 

@@ -25,6 +25,7 @@ __all__ = [
     "DatasetKey",
     "DatasetSplits",
     "dataset_key",
+    "hashable_option",
     "install_dataset",
     "load_dataset",
     "split_indices",
@@ -99,7 +100,7 @@ def dataset_key(
         raise ValueError(f"data.name: unknown dataset '{name}'; allowed: {', '.join(DATASETS.names())}")
     source = DATASETS.get(key_name)
     built = source(**options)  # a source that reads no options may define __init__ without them
-    key_options = tuple((k, _hashable(v)) for k, v in getattr(built, "options", {}).items())
+    key_options = tuple((k, hashable_option(v)) for k, v in getattr(built, "options", {}).items())
     if source.reads_path:
         if not path:
             raise ValueError(f"data.path: required for dataset '{key_name}'")
@@ -116,7 +117,8 @@ def dataset_key(
     return key_name, key_path, key_test, tf, int(seed), key_options
 
 
-def _hashable(value: Any) -> Any:
+def hashable_option(value: Any) -> Any:
+    """A ``data.*`` option value fit for a cache key (a list becomes a tuple)."""
     return tuple(value) if isinstance(value, list | tuple) else value
 
 

@@ -17,9 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedeq.data.base import DatasetSplits, dataset_key, install_dataset, load_dataset, uninstall_datasets
+from fedeq.data.base import (
+    DatasetSplits,
+    dataset_key,
+    hashable_option,
+    install_dataset,
+    load_dataset,
+    uninstall_datasets,
+)
 from fedeq.data.partition.base import partition_indices
-from fedeq.registry import DATASETS, PARTITIONERS
+from fedeq.registry import DATASETS, PARTITIONERS, Registry
 
 __all__ = [
     "ClientData",
@@ -53,13 +60,13 @@ def partition_dataset(
     ``options`` are further ``data.*`` keys, each read by the dataset or by the scheme (``source=...``,
     ``partition_by="writer"``). Returns one read-only int64 index array (into ``x_train``) per partition.
     """
-    scheme_keys = getattr(PARTITIONERS.get(str(scheme).strip().lower()), "option_keys", ())
-    data_keys = getattr(DATASETS.get(str(name).strip().lower()), "option_keys", ())
+    scheme_keys = _option_keys(PARTITIONERS, scheme)
+    data_keys = _option_keys(DATASETS, name)
     unknown = sorted(set(options) - {*scheme_keys, *data_keys})
     if unknown:
         raise ValueError(f"data.{unknown[0]}: read by neither dataset '{name}' nor scheme '{scheme}'")
     data_options = {k: v for k, v in options.items() if k in data_keys}
-    scheme_options = tuple((k, _hashable(options.get(k))) for k in scheme_keys)
+    scheme_options = tuple((k, hashable_option(options.get(k))) for k in scheme_keys)
     splits = load_dataset(name, path, test_path, test_fraction, seed, **data_options)
     return _partition_cached(
         splits,
@@ -73,8 +80,9 @@ def partition_dataset(
     )
 
 
-def _hashable(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list | tuple) else value
+def _option_keys(registry: Registry[Any], name: str) -> tuple[str, ...]:
+    """The further ``data.*`` keys that the dataset or scheme registered as ``name`` reads."""
+    return getattr(registry.get(str(name).strip().lower()), "option_keys", ())
 
 
 @functools.lru_cache(maxsize=32)
@@ -136,11 +144,8 @@ def _cfg(data_cfg: Any, key: str, default: Any = None) -> Any:
 
 def _cfg_options(data_cfg: Any) -> dict[str, Any]:
     """The further ``data.*`` keys that the configured dataset and scheme read, with their values."""
-    keys = (
-        *getattr(DATASETS.get(str(data_cfg.name).strip().lower()), "option_keys", ()),
-        *getattr(PARTITIONERS.get(str(data_cfg.partition).strip().lower()), "option_keys", ()),
-    )
-    return {k: _hashable(_cfg(data_cfg, k)) for k in keys}
+    keys = (*_option_keys(DATASETS, data_cfg.name), *_option_keys(PARTITIONERS, data_cfg.partition))
+    return {k: hashable_option(_cfg(data_cfg, k)) for k in keys}
 
 
 def _cfg_args(data_cfg: Any) -> tuple[Any, ...]:
@@ -208,7 +213,7 @@ def client_dataset(data_cfg: Any, seed: int) -> DatasetSplits:
 
 def _dataset_options(args: tuple[Any, ...]) -> dict[str, Any]:
     """The options of :func:`_cfg_args` that the dataset reads."""
-    keys = getattr(DATASETS.get(str(args[0]).strip().lower()), "option_keys", ())
+    keys = _option_keys(DATASETS, args[0])
     return {k: v for k, v in args[-1] if k in keys}
 
 

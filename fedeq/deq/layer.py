@@ -25,13 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedeq.deq.backward import (
-    BackwardStats,
-    check_backward_solver,
-    get_backward,
-    phantom_unroll,
-    solve_backward,
-)
+from fedeq.deq.backward import BackwardStats, check_backward_solver, get_backward
 from fedeq.deq.regularizers import jacobian_frobenius
 from fedeq.deq.solvers import Solver, SolverStats, check_solver_args, get_solver, solve
 
@@ -41,8 +35,6 @@ __all__ = [
     "DEQOutput",
     "DEQSettings",
     "SolverStats",
-    "phantom_unroll",
-    "solve_backward",
 ]
 
 Tensor = torch.Tensor
@@ -84,8 +76,8 @@ class DEQSettings:
             raise ValueError(f"reuse_threshold must be > 0 (got {self.reuse_threshold!r})")
         if not isinstance(self.jac_reg_samples, int) or self.jac_reg_samples < 0:
             raise ValueError(f"jac_reg_samples must be an integer >= 0 (got {self.jac_reg_samples!r})")
-        _make_solver(self.solver, self.solver_options, "solver_options")
-        _make_solver(self.backward_solver, self.b_solver_options, "b_solver_options")
+        _check_solver_options(self.solver, self.solver_options, "solver_options")
+        _check_solver_options(self.backward_solver, self.b_solver_options, "b_solver_options")
         return self
 
     @property
@@ -115,8 +107,8 @@ def _solver_option_names(cls: type[Solver]) -> frozenset[str]:
     return frozenset(inspect.signature(cls).parameters)
 
 
-def _make_solver(solver: str, options: dict[str, Any], what: str) -> Solver:
-    """The solver object of ``solver`` with ``options``; ``ValueError`` naming ``what`` for bad options."""
+def _check_solver_options(solver: str, options: dict[str, Any], what: str) -> None:
+    """``ValueError`` naming ``what`` unless solver ``solver`` can be built with ``options``."""
     cls = get_solver(solver)
     params = _solver_option_names(cls)
     unknown = sorted(set(options) - params)
@@ -125,7 +117,7 @@ def _make_solver(solver: str, options: dict[str, Any], what: str) -> Solver:
             f"{what}: unknown option(s) {unknown} for solver {solver!r}; allowed: {sorted(params)}"
         )
     try:
-        return cls(**options)
+        cls(**options)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what}: {exc}") from None
 
@@ -164,8 +156,7 @@ class DEQ(nn.Module):
         def f(z: Tensor) -> Tensor:
             return func(z, x)
 
-        solver = _make_solver(s.solver, s.solver_options, "solver_options")
-        z_star, fstats = solve(f, z0, solver, s.f_max_iter, s.tol, s.stop_mode)
+        z_star, fstats = solve(f, z0, s.solver, s.f_max_iter, s.tol, s.stop_mode, **s.solver_options)
         if not torch.is_grad_enabled():
             return DEQOutput(z_star, fstats, None, s)
 

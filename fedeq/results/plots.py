@@ -14,6 +14,14 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
+def _save(fig: Any, path: Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` and close it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_run(out_dir: Path, rounds: pd.DataFrame, curve: Sequence[dict[str, Any]]) -> list[Path]:
     """Test accuracy per round (overall and at each tier's budget), accuracy vs simulated time, and the
     anytime curve (accuracy vs forward budget) when available."""
@@ -29,10 +37,7 @@ def plot_run(out_dir: Path, rounds: pd.DataFrame, curve: Sequence[dict[str, Any]
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / "accuracy.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir / "accuracy.png"))
 
     if "cum_sim_time_s" in rounds and rounds["cum_sim_time_s"].notna().any():
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -40,10 +45,7 @@ def plot_run(out_dir: Path, rounds: pd.DataFrame, curve: Sequence[dict[str, Any]
         ax.set_xlabel("simulated time (s)")
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        paths.append(out_dir / "accuracy_vs_sim_time.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(fig, out_dir / "accuracy_vs_sim_time.png"))
 
     if curve:
         df = pd.DataFrame(curve)
@@ -54,8 +56,5 @@ def plot_run(out_dir: Path, rounds: pd.DataFrame, curve: Sequence[dict[str, Any]
         ax.set_ylabel("test accuracy")
         ax.set_title("anytime curve of the final global model")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        paths.append(out_dir / "accuracy_vs_budget.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(fig, out_dir / "accuracy_vs_budget.png"))
     return paths

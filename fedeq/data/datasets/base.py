@@ -80,7 +80,8 @@ class DatasetSource(ABC):
     def check(self, data_cfg: Any) -> None:
         """Raise :class:`fedeq.config.ConfigError` naming the key if ``data_cfg`` cannot be loaded.
 
-        Called before any work with the ``data`` section of the config; the default checks nothing
+        Called before any work, on the source built from the ``data`` section of the config (so
+        ``self.options`` hold its values), with that section; the default checks nothing
         (what :meth:`load` raises is reported as well). Cheap checks belong here: a file that does not
         exist, a missing array or column.
         """

@@ -38,8 +38,7 @@ class HuggingFace(DatasetSource):
 
     def check(self, data_cfg: Any) -> None:
         """The source opens, has the splits and the columns; labels are integer-like by type."""
-        source = type(self)(**{k: getattr(data_cfg, k, None) for k in self.option_keys})
-        source._columns()
+        self._columns()
 
     def _columns(self) -> tuple[Any, Any, Columns]:
         source = self.options["source"]

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # imported where used: worker processes that only train need 
     import datasets
     from flwr_datasets.partitioner import Partitioner
 
-__all__ = ["computed_partitions", "loaded_partition", "run_partitioner"]
+__all__ = ["computed_partitions", "loaded_partition", "run_partitioner", "run_pathological"]
 
 
 def _make_dataset(order: np.ndarray, partition_labels: np.ndarray) -> datasets.Dataset:
@@ -79,3 +79,21 @@ def run_partitioner(
         if fast is not None and all(np.array_equal(fast[p], v) for p, v in probes.items()):
             return fast
         return [probes[pid] if pid in probes else loaded_partition(partitioner, pid) for pid in range(num)]
+
+
+def run_pathological(
+    order: np.ndarray, partition_labels: np.ndarray, num_partitions: int, k: int, mode: str, seed: int
+) -> list[np.ndarray]:
+    """:func:`run_partitioner` with ``PathologicalPartitioner``: ``k`` classes per partition, given out as
+    ``mode`` (``class_assignment_mode``) says; rows are not shuffled."""
+    from flwr_datasets.partitioner import PathologicalPartitioner
+
+    partitioner = PathologicalPartitioner(
+        num_partitions=num_partitions,
+        partition_by="label",
+        num_classes_per_partition=k,
+        class_assignment_mode=mode,
+        shuffle=False,
+        seed=seed,
+    )
+    return run_partitioner(partitioner, order, partition_labels)

@@ -7,16 +7,19 @@ partitions that hold it. ``shards`` is the seeded first-deterministic variant ke
 
 from __future__ import annotations
 
+import typing
+
 import numpy as np
 
+from fedeq.config.data import ClassAssignment
 from fedeq.config.errors import ConfigError
 from fedeq.data.partition.base import PartitionScheme, PartitionTask
-from fedeq.data.partition.flower import run_partitioner
+from fedeq.data.partition.flower import run_pathological
 from fedeq.registry import PARTITIONERS
 
 __all__ = ["CLASS_ASSIGNMENTS", "Pathological"]
 
-CLASS_ASSIGNMENTS = ("random", "deterministic", "first-deterministic")
+CLASS_ASSIGNMENTS: tuple[str, ...] = typing.get_args(ClassAssignment)
 """The values of ``data.class_assignment``."""
 
 
@@ -27,8 +30,6 @@ class Pathological(PartitionScheme):
     option_keys = ("class_assignment",)
 
     def split(self, task: PartitionTask) -> list[np.ndarray]:
-        from flwr_datasets.partitioner import PathologicalPartitioner
-
         k = int(task.labels_per_client)
         num_classes = int(np.unique(task.labels).size)
         if not 1 <= k <= num_classes:
@@ -37,12 +38,4 @@ class Pathological(PartitionScheme):
         mode = task.options.get("class_assignment") or "random"
         if mode not in CLASS_ASSIGNMENTS:
             raise ConfigError("data.class_assignment", "unknown value", " | ".join(CLASS_ASSIGNMENTS), mode)
-        partitioner = PathologicalPartitioner(
-            num_partitions=task.num_partitions,
-            partition_by="label",
-            num_classes_per_partition=k,
-            class_assignment_mode=mode,
-            shuffle=False,
-            seed=task.seed,
-        )
-        return run_partitioner(partitioner, task.order, task.labels)
+        return run_pathological(task.order, task.labels, task.num_partitions, k, mode, task.seed)

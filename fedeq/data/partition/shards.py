@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedeq.data.partition.base import PartitionScheme, PartitionTask
-from fedeq.data.partition.flower import run_partitioner
+from fedeq.data.partition.flower import run_pathological
 from fedeq.registry import PARTITIONERS
 
 __all__ = ["Shards"]
@@ -17,8 +17,6 @@ class Shards(PartitionScheme):
     seeded relabelling of the classes."""
 
     def split(self, task: PartitionTask) -> list[np.ndarray]:
-        from flwr_datasets.partitioner import PathologicalPartitioner
-
         k = int(task.labels_per_client)
         classes = np.unique(task.labels)
         if not 1 <= k <= classes.size:
@@ -29,12 +27,6 @@ class Shards(PartitionScheme):
         # while still using every class whenever num_partitions >= num_classes.
         relabel = task.rng.permutation(classes.size)
         partition_labels = relabel[np.searchsorted(classes, task.labels)]
-        partitioner = PathologicalPartitioner(
-            num_partitions=task.num_partitions,
-            partition_by="label",
-            num_classes_per_partition=k,
-            class_assignment_mode="first-deterministic",
-            shuffle=False,
-            seed=task.seed,
+        return run_pathological(
+            task.order, partition_labels, task.num_partitions, k, "first-deterministic", task.seed
         )
-        return run_partitioner(partitioner, task.order, partition_labels)

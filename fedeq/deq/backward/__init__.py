@@ -8,6 +8,7 @@ A backward mode is a :class:`Backward` subclass in its own module, decorated wit
 from fedeq.deq.backward.base import (
     Backward,
     BackwardStats,
+    HookBackward,
     check_backward_solver,
     get_backward,
     required_solver,
@@ -28,6 +29,7 @@ __all__ = [
     "Backward",
     "BackwardStats",
     "BroydenReuse",
+    "HookBackward",
     "Phantom",
     "check_backward_solver",
     "get_backward",

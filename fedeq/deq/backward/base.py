@@ -67,6 +67,32 @@ class Backward(abc.ABC):
         ``stats`` is filled in when the gradient is computed."""
 
 
+class HookBackward(Backward):
+    """A mode that returns ``fz`` itself and rewrites the gradient reaching it: :meth:`hook` builds the
+    hook that maps ``w = ∂L/∂z*`` to the adjoint ``g`` (registered only when ``fz`` requires grad)."""
+
+    needs_z_grad = True
+
+    def attach(
+        self,
+        step: Callable[[Tensor], Tensor],
+        z_in: Tensor,
+        fz: Tensor,
+        forward: SolverStats,
+        settings: DEQSettings,
+        stats: BackwardStats,
+    ) -> tuple[Tensor, int]:
+        if fz.requires_grad:
+            fz.register_hook(self.hook(z_in, fz, forward, settings, stats))
+        return fz, 1
+
+    @abc.abstractmethod
+    def hook(
+        self, z_in: Tensor, fz: Tensor, forward: SolverStats, settings: DEQSettings, stats: BackwardStats
+    ) -> Callable[[Tensor], Tensor]:
+        """The gradient hook of ``fz``; it fills in ``stats`` when it runs."""
+
+
 def get_backward(name: str) -> type[Backward]:
     """The backward mode registered as ``name``; ``ValueError`` listing the allowed ones otherwise."""
     try:

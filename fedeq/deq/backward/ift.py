@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedeq.deq.backward.base import Backward, BackwardStats
+from fedeq.deq.backward.base import BackwardStats, HookBackward
 from fedeq.deq.solvers import solve
 from fedeq.registry import BACKWARDS
 
@@ -19,44 +19,30 @@ Tensor = torch.Tensor
 
 
 @BACKWARDS.register("ift")
-class IFT(Backward):
+class IFT(HookBackward):
     """With ``w = ∂L/∂z*`` the adjoint solves ``g = J_fᵀ g + w`` (fixed point, backward solver and budget,
     started from ``w``); then ``∂L/∂θ = (∂f/∂θ)ᵀ g``. Each iteration is one vector-Jacobian product through
     the graph of ``fz``, so the backward costs no extra evaluation of ``f``."""
 
-    needs_z_grad = True
+    def hook(
+        self, z_in: Tensor, fz: Tensor, forward: SolverStats, settings: DEQSettings, stats: BackwardStats
+    ) -> Callable[[Tensor], Tensor]:
+        busy = [False]
 
-    def attach(
-        self,
-        step: Callable[[Tensor], Tensor],
-        z_in: Tensor,
-        fz: Tensor,
-        forward: SolverStats,
-        settings: DEQSettings,
-        stats: BackwardStats,
-    ) -> tuple[Tensor, int]:
-        if fz.requires_grad:
-            fz.register_hook(_ift_hook(fz, z_in, settings, stats))
-        return fz, 1
+        def hook(w: Tensor) -> Tensor:
+            if busy[0]:  # vector-Jacobian products below start at fz: leave their gradient alone
+                return w
+            busy[0] = True
+            try:
 
+                def adjoint(g: Tensor) -> Tensor:
+                    return torch.autograd.grad(fz, z_in, g, retain_graph=True)[0] + w
 
-def _ift_hook(fz: Tensor, z_in: Tensor, s: DEQSettings, bstats: BackwardStats) -> Callable[[Tensor], Tensor]:
-    busy = [False]
+                return solve_backward(adjoint, w, settings, stats)
+            finally:
+                busy[0] = False
 
-    def hook(w: Tensor) -> Tensor:
-        if busy[0]:  # vector-Jacobian products below start at fz: leave their gradient alone
-            return w
-        busy[0] = True
-        try:
-
-            def adjoint(g: Tensor) -> Tensor:
-                return torch.autograd.grad(fz, z_in, g, retain_graph=True)[0] + w
-
-            return solve_backward(adjoint, w, s, bstats)
-        finally:
-            busy[0] = False
-
-    return hook
+        return hook
 
 
 def solve_backward(

@@ -24,17 +24,15 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
-from uuid import uuid4
 
 import ray
-from flwr.app import Error, Message, RecordDict
+from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from fedeq.engines.ray.cluster import start_ray
 from fedeq.engines.ray.pools import Call, TierPool, pool_sizes
 from fedeq.engines.ray.worker import ClientWorker
+from fedeq.engines.run_grid import RunGrid, assign_message_id
 
 __all__ = ["NODE_ID_OFFSET", "ClientWorker", "RayGrid", "pool_sizes", "start_ray"]
 
@@ -44,7 +42,7 @@ NODE_ID_OFFSET = 1_000_000
 """Node ids are ``NODE_ID_OFFSET + partition id``: stable across runs, so a resumed run samples alike."""
 
 
-class RayGrid(Grid):
+class RayGrid(RunGrid):
     """A Grid whose nodes are simulated devices served by per-tier Ray actor pools.
 
     Args:
@@ -78,6 +76,7 @@ class RayGrid(Grid):
     ) -> None:
         if not ray.is_initialized():
             raise RuntimeError("RayGrid needs a running Ray: call fedeq.engines.ray.grid.start_ray() first")
+        super().__init__(run_id)
         self.tiers = list(tiers)
         self.tier_names = [str(t.name) for t in self.tiers]
         self.node_tiers = list(node_tiers)
@@ -86,7 +85,6 @@ class RayGrid(Grid):
         self.app_ref = app_ref
         self.call_timeout_s = call_timeout_s
         self.pipeline = max(1, int(pipeline))
-        self._run = Run.create_empty(run_id)
         self._setup: Any = None
         if sizes is None:
             total_cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
@@ -104,23 +102,6 @@ class RayGrid(Grid):
         self.done: dict[str, Message] = {}
 
     # ------------------------------------------------------------------ Grid interface
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> list[int]:
         return [NODE_ID_OFFSET + i for i in range(self.num_nodes)]
@@ -143,7 +124,7 @@ class RayGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            assign_message_id(msg)
             pool = self.pools[self.node_tiers[self.partition_of(msg.metadata.dst_node_id)]]
             call = Call(msg, pool)
             self.pending[msg.metadata.message_id] = call

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fedeq.deq import DEQSettings
-from fedeq.deq.layer import solve_backward
+from fedeq.deq.backward import solve_backward
 from fedeq.models.mondeq.operators import Operator, as_operator
 from fedeq.models.mondeq.splitting import check_splitting
 

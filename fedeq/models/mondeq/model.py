@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedeq.deq import BackwardStats, DEQOutput, DEQSettings
-from fedeq.deq.layer import phantom_unroll
+from fedeq.deq.backward import phantom_unroll
 from fedeq.deq.regularizers import jacobian_frobenius
 from fedeq.models.base import ModelOutput, config_value, flattened_size
 from fedeq.models.mondeq.adjoint import ImplicitRelu

@@ -44,10 +44,10 @@ def _initial_model(cfg: Any) -> Any:
     """The configured model with the initial weights of ``cfg.seed`` (the same for every engine)."""
     import torch
 
-    from fedeq.data import load_dataset
+    from fedeq.data import client_dataset
     from fedeq.models import build_model
 
-    splits = load_dataset(cfg.data.name, cfg.data.path, cfg.data.test_path, cfg.data.test_fraction, cfg.seed)
+    splits = client_dataset(cfg.data, cfg.seed)
     torch.manual_seed(cfg.seed)
     return build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.model)
 
