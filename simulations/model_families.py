@@ -1,4 +1,4 @@
-"""Studies of the model families (mondeq, tied, tied_sparse, lyadeq) next to the plain DEQ (mlp_deq).
+"""Studies of the model families (mondeq, tied, tied_sparse, potential_deq, lyadeq) next to the plain DEQ.
 
 Sub-commands (each prints a Markdown table and writes ``<out>/<name>.csv``):
 
@@ -7,7 +7,13 @@ Sub-commands (each prints a Markdown table and writes ``<out>/<name>.csv``):
 - ``tied``: weight-tied models: accuracy and time per training step vs depth, width and mask density, next to
   the DEQ of the same width (the claim of Song, Majumder & Lin to check).
 - ``robustness``: accuracy under small input perturbations (uniform noise, one-step FGSM) and relative
-  sensitivity of the equilibrium, LyaDEQ vs the plain DEQ (and MON-DEQ).
+  sensitivity of the equilibrium, the potential DEQ vs the plain DEQ (and MON-DEQ); LyaDEQ's own robustness
+  study is ``simulations/robustness.py --study lyadeq``.
+- ``mondeq``: MON-DEQ with each splitting (``pr``, ``fb``) and backward mode (``ift``, ``phantom``,
+  ``jfb``) at the family's default margin and step sizes: accuracy, forward iterations, converged fraction
+  and step size at evaluation. Run it with ``PYTHONPATH`` pointing at an older checkout of ``fedeq`` to
+  compare versions (it prints which ``fedeq`` it imported; docs/model_families.md, "MON-DEQ before and
+  after").
 - ``federated``: ``fedeq simulate`` of every family on each data set (same tiers and strategy for all).
 - ``table``: the federated runs' results next to the central ones.
 
@@ -39,7 +45,7 @@ from fedeq.data import DatasetSplits, load_dataset, to_tensors
 from fedeq.models import build_model, num_parameters
 from fedeq.train import evaluate, train_local
 
-FAMILIES = ("mlp_deq", "mondeq", "conv_mondeq", "tied", "tied_sparse", "lyadeq")
+FAMILIES = ("mlp_deq", "mondeq", "conv_mondeq", "tied", "tied_sparse", "potential_deq", "lyadeq")
 #: The "laptop" tier of the default config: what central runs train and evaluate with.
 CENTRAL_DEQ = {"solver": "anderson", "f_max_iter": 12, "b_max_iter": 8, "backward": "ift"}
 #: Local-training settings per data set (central and federated).
@@ -291,6 +297,72 @@ def cmd_tied(ns: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# MON-DEQ: splittings and backward modes
+# ------------------------------------------------------------------------------------------------
+
+#: Plain splitting iterations (the paper's solver) under a device-like budget.
+MONDEQ_DEQ = {"solver": "fixed_point", "f_max_iter": 40, "b_max_iter": 8, "tol": 1e-3}
+
+
+def cmd_mondeq(ns: argparse.Namespace) -> None:
+    import fedeq
+
+    print(f"fedeq imported from {Path(fedeq.__file__).parent}", flush=True)
+    rows = []
+    for data_name in ns.data:
+        data = load_dataset(data_name)
+        tr = TRAIN[data_name]
+        epochs = ns.epochs or tr["epochs"]
+        x_test, _ = to_tensors(data.x_test, data.y_test)
+        for splitting in ("pr", "fb"):
+            for backward in ns.backwards:
+                deq = {**MONDEQ_DEQ, "backward": backward}
+                for seed in range(ns.seeds):
+                    torch.manual_seed(seed)
+                    model = build_model(
+                        "mondeq", data.input_shape, data.num_classes, ModelConfig(hidden=ns.hidden)
+                    )
+                    model.splitting = splitting
+                    t0 = time.perf_counter()
+                    for epoch in range(epochs):
+                        train_local(
+                            model,
+                            data.x_train,
+                            data.y_train,
+                            epochs=1,
+                            lr=tr["lr"],
+                            batch_size=tr["batch_size"],
+                            seed=seed * 1000 + epoch,
+                            deq=deq,
+                        )
+                    ev = evaluate(model, data.x_test, data.y_test, **deq)
+                    with torch.no_grad():
+                        fwd = model(x_test, **deq).deq.forward
+                    conv = float(fwd.converged.float().mean())
+                    r = {
+                        "data": data_name,
+                        "splitting": splitting,
+                        "backward": backward,
+                        "seed": seed,
+                        "m": float(model.mon.m),
+                        "test_acc": ev.accuracy,
+                        "eval_nfe": ev.nfe_fwd,
+                        "converged": conv,
+                        "alpha": float(fwd.extra.get("alpha", float("nan"))),
+                        "train_s": time.perf_counter() - t0,
+                    }
+                    print(r, flush=True)
+                    rows.append(r)
+    df = pd.DataFrame(rows)
+    keys = ["data", "splitting", "backward", "m"]
+    table = _mean_std(df, keys, ["test_acc", "eval_nfe", "converged", "alpha", "train_s"])
+    table = table[keys + ["test_acc", "test_acc_std", "eval_nfe", "converged", "alpha", "train_s"]]
+    fmt = {"test_acc": ".4f", "test_acc_std": ".4f", "eval_nfe": ".1f", "converged": ".3f", "alpha": ".3g"}
+    fmt["train_s"] = ".0f"
+    _save(df, ns.out, f"mondeq_{ns.tag}", table, fmt)
+
+
+# ------------------------------------------------------------------------------------------------
 # robustness
 # ------------------------------------------------------------------------------------------------
 
@@ -433,7 +505,7 @@ def cmd_table(ns: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["central", "tied", "robustness", "federated", "table"])
+    p.add_argument("command", choices=["central", "tied", "mondeq", "robustness", "federated", "table"])
     p.add_argument("--data", nargs="+", default=["digits"], choices=list(TRAIN))
     p.add_argument("--models", nargs="+", default=list(FAMILIES))
     p.add_argument("--seeds", type=int, default=2)
@@ -445,15 +517,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--noise", nargs="+", type=float, default=[0.1, 0.2, 0.3])
     p.add_argument("--fgsm", nargs="+", type=float, default=[0.02, 0.05, 0.1])
     p.add_argument("--sens-eps", type=float, default=0.1)
+    p.add_argument("--backwards", nargs="+", default=["ift", "phantom", "jfb"])
+    p.add_argument("--epochs", type=int, default=0, help="mondeq: epochs (0: the data set's default)")
+    p.add_argument("--tag", default="current", help="mondeq: suffix of the output files")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (timings use 1)")
     p.add_argument("--out", type=Path, default=Path("outputs/model_families"))
     ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads)
     if ns.command == "robustness" and ns.models == list(FAMILIES):
-        ns.models = ["mlp_deq", "lyadeq", "mondeq"]
+        ns.models = ["mlp_deq", "potential_deq", "mondeq"]
     {
         "central": cmd_central,
         "tied": cmd_tied,
+        "mondeq": cmd_mondeq,
         "robustness": cmd_robustness,
         "federated": cmd_federated,
         "table": cmd_table,

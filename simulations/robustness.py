@@ -14,7 +14,8 @@ Methods:
 - ``pgd-at+ris``: PGD-AT with the adversarial loss at a random intermediate state
   (``train.intermediate_states=true``).
 - ``pgd-at+ris+ier``: the previous model evaluated with entropy-reducing input updates along the dynamics
-  (inference only; the attack is computed on the model without them, i.e. not adaptive to the defense).
+  (inference only; the attack here is computed on the model without them, i.e. not adaptive to the
+  defense; ``--study ier`` adds the adaptive BPDA attack through the defense).
 - central only: ``trades`` and ``jiio-at`` (PGD-AT whose inner maximisation is solved by JIIO).
 
 Examples::
@@ -22,6 +23,8 @@ Examples::
     python simulations/robustness.py                          # digits, central + federated
     python simulations/robustness.py --data mnist5k --skip-federated
     python simulations/robustness.py --quick                  # a smoke run
+    python simulations/robustness.py --study lyadeq           # LyaDEQ vs the plain DEQ (Chu et al.'s claim)
+    python simulations/robustness.py --study ier              # entropy updates vs an adaptive attack
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ from fedeq.data import load_dataset, to_tensors  # noqa: E402
 from fedeq.models import build_model  # noqa: E402
 from fedeq.robust import AttackConfig, robust_accuracy  # noqa: E402
 from fedeq.train import AdversarialConfig, EntropyDefense, entropy_predictor, train_local  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from robustness_studies import ier_study, lyadeq_study  # noqa: E402
 
 
 def _attacks(args: argparse.Namespace) -> dict[str, tuple[AttackConfig, dict[str, Any]]]:
@@ -242,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--f-iter", type=int, default=12, help="central forward budget (Anderson)")
     p.add_argument("--b-iter", type=int, default=12, help="central backward budget (IFT)")
     p.add_argument("--test-size", type=int, default=1000)
-    p.add_argument("--ier-stages", type=int, default=3)
+    p.add_argument("--ier-stages", type=int, default=None, help="default: forward budget // 2 (the authors')")
     p.add_argument("--ier-updates", type=int, default=10)
     p.add_argument("--ier-step", type=float, default=0.01)
     p.add_argument("--ier-radius", type=float, default=None, help="L-inf bound of the updates (default: eps)")
@@ -257,9 +263,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-federated", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny smoke run")
     p.add_argument("--out", default="outputs/robustness")
+    p.add_argument(
+        "--study",
+        default="methods",
+        choices=["methods", "lyadeq", "ier"],
+        help="methods: the table of training methods; lyadeq: LyaDEQ vs the plain DEQ (FGSM, noise, PGD); "
+        "ier: entropy-reducing input updates against non-adaptive and adaptive (BPDA) attacks",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.rounds, args.clients, args.test_size, args.pgd_steps = 1, 1, 4, 100, 5
+    if args.study != "methods":
+        torch.set_num_threads(args.threads)
+        study = lyadeq_study if args.study == "lyadeq" else ier_study
+        table = study(args)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{args.study}_{args.data}_eps{args.eps:g}.md").write_text(table)
+        print(table)
+        return 0
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

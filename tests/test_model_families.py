@@ -1,4 +1,4 @@
-"""Model families: monotone DEQ (splitting), weight-tied models with sparse masks, Lyapunov-stable DEQ."""
+"""Model families: monotone DEQ (splitting), weight-tied models with sparse masks, potential DEQ."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from fedeq.config import ConfigError, load_config
 from fedeq.data import load_dataset
 from fedeq.deq import solve
 from fedeq.models import build_model, num_parameters
-from fedeq.models.lyadeq import LyaDEQ
 from fedeq.models.mondeq import (
     ConvMonDEQ,
     ConvOperator,
@@ -24,10 +23,11 @@ from fedeq.models.mondeq import (
     monotone_solve,
     splitting_map,
 )
+from fedeq.models.potential_deq import PotentialDEQ
 from fedeq.models.tied import TiedMLP, make_masks
 from fedeq.train import train_local
 
-FAMILIES = ("mondeq", "conv_mondeq", "tied", "tied_sparse", "lyadeq")
+FAMILIES = ("mondeq", "conv_mondeq", "tied", "tied_sparse", "potential_deq", "lyadeq")
 
 
 @pytest.fixture(scope="module")
@@ -344,20 +344,20 @@ def test_tied_backward_budget_truncates_backpropagation():
 
 
 # ------------------------------------------------------------------------------------------------
-# Lyapunov-stable DEQ
+# Potential DEQ (gradient step on a learned strongly convex potential)
 # ------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def trained_lyadeq(digits):
+def trained_potential(digits):
     torch.manual_seed(9)
-    model = LyaDEQ(64, 10, hidden=24, solver="anderson", f_max_iter=10, b_max_iter=8)
+    model = PotentialDEQ(64, 10, hidden=24, solver="anderson", f_max_iter=10, b_max_iter=8)
     for epoch in range(2):
         train_local(model, digits.x_train, digits.y_train, epochs=1, lr=0.01, batch_size=64, seed=epoch)
     return model
 
 
-def _trajectory(model: LyaDEQ, ctx, solver: str, steps: int, eta_scale: float = 1.0) -> torch.Tensor:
+def _trajectory(model: PotentialDEQ, ctx, solver: str, steps: int, eta_scale: float = 1.0) -> torch.Tensor:
     """``V`` at every point where the solver evaluated the cell, shape (steps, B)."""
     u, a, c, w, eta = ctx
     ctx = (u, a, c, w, eta * eta_scale)
@@ -373,9 +373,9 @@ def _trajectory(model: LyaDEQ, ctx, solver: str, steps: int, eta_scale: float = 
 
 @pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
 def test_lyapunov_function_decreases_along_the_solver_trajectory_on_test_inputs(
-    trained_lyadeq, digits, solver
+    trained_potential, digits, solver
 ):
-    model = trained_lyadeq.double()
+    model = trained_potential.double()
     try:
         x = torch.tensor(digits.x_test[:120], dtype=torch.float64)
         with torch.no_grad():
@@ -397,24 +397,24 @@ def test_lyapunov_function_decreases_along_the_solver_trajectory_on_test_inputs(
         model.float()
 
 
-def test_orthogonal_head_stays_orthogonal_after_training_and_averaging(trained_lyadeq, digits):
-    model = trained_lyadeq
+def test_orthogonal_head_stays_orthogonal_after_training_and_averaging(trained_potential, digits):
+    model = trained_potential
     q = model.orth.weight.detach()
     torch.testing.assert_close(q @ q.T, torch.eye(10), atol=1e-5, rtol=0)
-    other = LyaDEQ(64, 10, hidden=24)
+    other = PotentialDEQ(64, 10, hidden=24)
     other.load_state_dict(model.state_dict())
     train_local(other, digits.x_train[:300], digits.y_train[:300], epochs=1, lr=0.05, seed=5)
     # FedAvg of two clients' arrays (the unconstrained parametrization) is still orthogonal.
     avg = {k: (v + other.state_dict()[k]) / 2 for k, v in model.state_dict().items()}
-    merged = LyaDEQ(64, 10, hidden=24)
+    merged = PotentialDEQ(64, 10, hidden=24)
     merged.load_state_dict(avg)
     q = merged.orth.weight.detach()
     torch.testing.assert_close(q @ q.T, torch.eye(10), atol=1e-5, rtol=0)
 
 
-def test_lyadeq_gradients_match_finite_differences():
+def test_potential_deq_gradients_match_finite_differences():
     torch.manual_seed(10)
-    model = LyaDEQ(
+    model = PotentialDEQ(
         6,
         3,
         hidden=5,

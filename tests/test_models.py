@@ -76,7 +76,7 @@ def test_unknown_model_name_lists_every_built_in_family():
         build_model("resnet", (1, 8, 8), 10)
     assert str(err.value) == (
         "model.name must be one of mlp_deq, conv_deq, explicit, mondeq, conv_mondeq, tied, tied_sparse, "
-        "lyadeq (got 'resnet')"
+        "tied_conv, potential_deq, lyadeq (got 'resnet')"
     )
 
 

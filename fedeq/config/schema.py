@@ -54,8 +54,11 @@ class ModelConfig(Section):
     kwargs: StrKeys = Field(default_factory=dict)
     """Keyword options of the model's factory, checked against its signature."""
     hidden: Int = Field(64, ge=1)
+    """Width of the equilibrium state of the MLP families (mlp_deq, tied, mondeq, explicit)."""
     channels: Int = Field(16, ge=1)
+    """conv_deq: channels of the equilibrium state."""
     depth: Int = Field(3, ge=1)
+    """Layers of the explicit and weight-tied families (tied, explicit)."""
     downsample: Int = Field(1, ge=0, le=4)
     """conv_deq: stride-2 stages in the stem (the equilibrium runs at H / 2^downsample)."""
     blocks: Int = Field(1, ge=1, le=8)
@@ -65,8 +68,10 @@ class ModelConfig(Section):
     readout_grid: Int = Field(4, ge=1, le=16)
     """conv_deq: side of the pooled grid the linear readout sees."""
     tol: Float = Field(1e-4, gt=0)
+    """Solver tolerance on the fixed-point residual (see ``stop_mode``)."""
     stop_mode: StopMode = "rel"
-    monotone_m: Float = Field(0.1, gt=0, le=1)
+    """``abs`` | ``rel``: the residual the tolerance applies to (``rel``: divided by ``||f(z)||``)."""
+    monotone_m: Float = Field(1.0, gt=0, le=1)
     """mondeq: strong-monotonicity margin m of W = (1 - m) I - AᵀA + B - Bᵀ."""
     mask_density: Float = Field(0.5, gt=0, le=1)
     """tied_sparse: fraction of kept weights in each layer's mask."""
@@ -91,26 +96,41 @@ class TrainConfig(Section):
     """Local training hyper-parameters."""
 
     local_epochs: Int = Field(3, ge=1)
+    """Passes over the client's data per train call."""
     lr: Float = Field(0.01, gt=0)
+    """Learning rate of the local optimizer."""
     batch_size: Int = Field(32, ge=1)
+    """Examples per local training step."""
     optimizer: Optimizer = "adam"
+    """Local optimizer: ``adam`` | ``sgd``."""
     weight_decay: Float = Field(0.0, ge=0)
+    """L2 weight decay of the local optimizer."""
     device: Device = "auto"
+    """Where clients and the server compute: ``auto`` (CUDA when available) | ``cpu`` | ``cuda``."""
     jac_reg: Float = Field(0.0, ge=0)
+    """Weight of the Jacobian (Frobenius norm) regularizer; 0: off."""
     jac_reg_samples: Int = Field(1, ge=1)
+    """Random vectors of the regularizer's Hutchinson estimate."""
     randomize_budget: bool = False
+    """Draw each step's forward budget uniformly from 1..the tier's ``f_max_iter``."""
     proximal_mu: Float = Field(0.0, ge=0)
+    """Weight of the FedProx proximal term; 0: off."""
     adversarial: AdversarialMode = "none"
     """Local adversarial training: ``none`` | ``pgd`` (PGD-AT) | ``trades``."""
     epsilon: Float = 0.1
     """Attack radius: >= 0, and > 0 with adversarial training."""
     attack_steps: Int = Field(5, ge=1)
+    """PGD steps of the attack."""
     attack_step_size: Float | None = Field(None, gt=0)
     """PGD step; ``null`` = 2.5·epsilon/attack_steps."""
     attack_norm: AttackNorm = "linf"
+    """Norm ball of the attack: ``linf`` | ``l2``."""
     trades_beta: Float = Field(6.0, ge=0)
+    """TRADES: weight of the robustness term."""
     intermediate_states: bool = False
-    """Compute the (adversarial) loss at a random intermediate solver state."""
+    """Random intermediate states (Yang et al.): every forward of a training step at its own random solver
+    state, with the unrolled gradient; needs a model with an exposed equilibrium map (checked before a
+    run)."""
 
     @model_validator(mode="after")
     def _epsilon(self) -> TrainConfig:
@@ -122,8 +142,11 @@ class StrategyConfig(Section):
     """Server strategy: a built-in name or ``package.module:ClassName`` plus constructor kwargs."""
 
     name: str = "quality"
+    """A built-in strategy (``fedavg``, ``quality``, ``fedprox``, ...) or ``package.module:ClassName``."""
     kwargs: StrKeys = Field(default_factory=dict)
+    """Keyword arguments of the strategy's constructor."""
     fraction_evaluate: Float = Field(0.0, ge=0, le=1)
+    """Share of the clients that evaluate the global model each round (0: none)."""
     min_available_nodes: Int | None = None
     """Connected nodes a round waits for before sampling (null: ``num_clients``; else in 1..num_clients);
     lower it on a real deployment so rounds go on after a device dropped out."""
@@ -143,6 +166,7 @@ class EvalConfig(Section):
     """Evaluation settings: the solver budgets (forward iterations) to evaluate at."""
 
     budgets: list[Annotated[Int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    """Forward budgets (solver iterations) the global model is evaluated at after each round."""
 
     @field_validator("budgets")
     @classmethod
@@ -161,9 +185,13 @@ class RayConfig(Section):
     """
 
     address: str | None = None
+    """A Ray cluster to join (``auto``, ``host:port``); null: start a local one."""
     actors_per_tier: Int | None = Field(None, ge=1)
+    """Actors in every tier's pool (null: the tier's share of the CPUs, at least one)."""
     call_timeout_s: Float | None = Field(None, gt=0)
+    """Wall-clock limit of one client call in seconds; its actor is replaced (null: none)."""
     num_cpus: Float | None = Field(None, gt=0)
+    """Logical CPUs of a local cluster (null: the machine's cores, or what the pools need)."""
 
     @field_validator("address")
     @classmethod
@@ -178,9 +206,13 @@ class FaultConfig(Section):
     returns NaN weights (drawn per call from the run seed, round and partition)."""
 
     raise_p: Float = Field(0.0, ge=0, le=1)
+    """Probability that a client call raises."""
     hang_p: Float = Field(0.0, ge=0, le=1)
+    """Probability that a client call hangs for ``hang_s`` seconds."""
     nan_p: Float = Field(0.0, ge=0, le=1)
+    """Probability that a client call returns NaN weights."""
     hang_s: Float = Field(30.0, gt=0)
+    """Seconds a hanging call hangs."""
 
     @model_validator(mode="after")
     def _total(self) -> FaultConfig:
@@ -196,13 +228,19 @@ class FedeqConfig(Section):
     """Root of the ``fedeq simulate`` configuration."""
 
     seed: Int = Field(0, ge=0)
+    """Seed of every random draw: data split, partition, tiers, sampling, training, faults."""
     rounds: Int = Field(20, ge=1)
+    """Federated rounds."""
     num_clients: Int = Field(20, ge=1)
+    """Simulated devices, one data partition each."""
     clients_per_round: Int = 10
     """In 1..num_clients."""
     engine: registered_name(ENGINES) = "ray"  # type: ignore[valid-type]
+    """What runs the simulation: ``ray`` (fedeq's device engine) | ``flower`` (Flower's simulation)."""
     output_dir: str = "outputs"
+    """Folder that holds the run folders."""
     run_name: str | None = None
+    """Name of the run folder in ``output_dir`` (null: a new timestamped name)."""
     plugins: list[str] = Field(default_factory=list)
     """Modules (``my_pkg.cells``) or ``.py`` files imported before validation, so what they register
     can be named in this config; relative file paths are stored absolute."""

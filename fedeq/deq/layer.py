@@ -8,8 +8,11 @@ gradient to it according to the backward mode (one module each in :mod:`fedeq.de
 - ``phantom``: ``k`` damped unrolled steps ``z ← (1-λ) z + λ f(z, x)`` from ``z*`` with autograd through
   them (``k`` = backward budget unless ``phantom_steps`` is set).
 - ``jfb``: one step ``z = f(z*, x)`` (Jacobian-free backprop), i.e. ``g = w``.
-- ``broyden_reuse``: ``g ≈ -Bᵀ w`` with ``B ≈ (J_f - I)^{-1}`` the forward Broyden estimate (no extra
-  function evaluations); per sample it falls back to ``g = w`` (JFB) when ``||g|| > c·||w||``.
+- ``broyden_reuse``: ``g ≈ -Bᵀ w`` with ``B ≈ (J_f - I)^{-1}`` the forward Broyden estimate at the
+  returned iterate (no extra function evaluations); per sample it falls back to ``g = w`` (JFB) when
+  ``||g|| > c·||w||``; ``reuse_updates`` / ``reuse_refine_iter`` spend a few VJPs to improve it, and
+  ``reuse_opa_every`` makes SHINE's outer-problem-aware updates during the forward solve when the call
+  passes ``outer_grad`` (the loss gradient at an iterate).
 
 Budgets and options can be overridden per call so devices with different budgets share one module.
 """
@@ -25,9 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedeq.deq.backward import BackwardStats, check_backward_solver, get_backward
+from fedeq.deq.backward import BackwardStats, check_backward_solver, check_reuse_options, get_backward
 from fedeq.deq.regularizers import jacobian_frobenius
-from fedeq.deq.solvers import Solver, SolverStats, check_solver_args, get_solver, solve
+from fedeq.deq.solvers import OuterGradient, Solver, SolverStats, check_solver_args, get_solver, solve
 
 __all__ = [
     "DEQ",
@@ -54,7 +57,13 @@ class DEQSettings:
     b_solver: str | None = None
     phantom_steps: int | None = None
     phantom_damping: float = 0.8
-    reuse_threshold: float = 2.0
+    reuse_threshold: float = 1.8
+    reuse_updates: int = 0
+    reuse_direction: str = "adjoint"
+    reuse_refine_iter: int = 0
+    reuse_opa_every: int = 0
+    """``broyden_reuse``: an outer-problem-aware Broyden update every this many forward evaluations (0: off;
+    SHINE's frequency is 5); only in calls that pass ``outer_grad`` with gradients enabled."""
     jac_reg_samples: int = 0
     solver_options: dict[str, Any] = field(default_factory=dict)
     b_solver_options: dict[str, Any] = field(default_factory=dict)
@@ -74,6 +83,9 @@ class DEQSettings:
             raise ValueError(f"phantom_damping must be in (0, 1] (got {self.phantom_damping!r})")
         if not self.reuse_threshold > 0:
             raise ValueError(f"reuse_threshold must be > 0 (got {self.reuse_threshold!r})")
+        check_reuse_options(
+            self.reuse_updates, self.reuse_direction, self.reuse_refine_iter, self.reuse_opa_every
+        )
         if not isinstance(self.jac_reg_samples, int) or self.jac_reg_samples < 0:
             raise ValueError(f"jac_reg_samples must be an integer >= 0 (got {self.jac_reg_samples!r})")
         _check_solver_options(self.solver, self.solver_options, "solver_options")
@@ -149,14 +161,30 @@ class DEQ(nn.Module):
         self.func = func
         self.settings = DEQSettings().override(**settings).validate()
 
-    def forward(self, x: Any, z0: Tensor, **overrides: Any) -> DEQOutput:
+    def forward(
+        self, x: Any, z0: Tensor, outer_grad: Callable[[Tensor], Tensor] | None = None, **overrides: Any
+    ) -> DEQOutput:
+        """Solve from ``z0`` and attach the gradient. ``outer_grad(z)`` (optional) returns the loss gradient
+        ``∂L/∂z`` per sample at an iterate ``z``; it is used only by ``reuse_opa_every`` (with
+        ``broyden_reuse``, gradients enabled), whose forward then makes SHINE's outer-problem-aware
+        updates, each costing one VJP (``forward.vjps``) and one call of ``outer_grad``."""
         s = self.settings.override(**overrides) if overrides else self.settings
         func = self.func
 
         def f(z: Tensor) -> Tensor:
             return func(z, x)
 
-        z_star, fstats = solve(f, z0, s.solver, s.f_max_iter, s.tol, s.stop_mode, **s.solver_options)
+        outer = None
+        if (
+            outer_grad is not None
+            and s.reuse_opa_every > 0
+            and s.backward == "broyden_reuse"
+            and torch.is_grad_enabled()
+        ):
+            outer = OuterGradient(outer_grad, s.reuse_opa_every)
+        z_star, fstats = solve(
+            f, z0, s.solver, s.f_max_iter, s.tol, s.stop_mode, outer=outer, **s.solver_options
+        )
         if not torch.is_grad_enabled():
             return DEQOutput(z_star, fstats, None, s)
 

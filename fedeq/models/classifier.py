@@ -11,16 +11,18 @@ methods. The base class owns the :class:`~fedeq.deq.DEQ` layer (``self.deq``): i
 backward mode come from the constructor's ``deq_settings`` (set by :func:`~fedeq.models.build_model`)
 and, per call, from the overrides that ``forward(x, **deq_overrides)`` receives (a device tier's
 settings in a federated run). :meth:`~DEQClassifier.parts` exposes the same four parts to input
-optimization (JIIO, entropy-reducing input updates).
+optimization (JIIO, entropy-reducing input updates). ``forward(x, targets=y)`` also hands the DEQ the
+loss gradient at its iterates, for the outer-problem-aware updates of ``reuse_opa_every``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedeq.deq import DEQ
@@ -82,12 +84,27 @@ class DEQClassifier(nn.Module):
             raise NotImplementedError(f"{type(self).__name__}: pass width= or override readout(z)")
         return head(z)
 
-    def forward(self, x: Tensor, **deq_overrides: Any) -> ModelOutput:
+    def forward(self, x: Tensor, targets: Tensor | None = None, **deq_overrides: Any) -> ModelOutput:
         """Logits and the DEQ statistics; ``deq_overrides`` (solver, budgets, backward, ...) apply to
-        this call only."""
+        this call only. ``targets`` (class indices) serve only ``reuse_opa_every``: the DEQ's forward solve
+        then receives the cross-entropy gradient at its iterates (:meth:`outer_gradient`)."""
         c = self.injection(x)
-        out = self.deq(c, self.init_state(c), **deq_overrides)
+        outer = None if targets is None else self.outer_gradient(targets)
+        out = self.deq(c, self.init_state(c), outer_grad=outer, **deq_overrides)
         return ModelOutput(self.readout(out.z), out)
+
+    def outer_gradient(self, targets: Tensor) -> Callable[[Tensor], Tensor]:
+        """``z ↦ ∂/∂z Σ_b CE(readout(z)_b, targets_b)``: each sample's cross-entropy gradient at an
+        iterate, through the readout, with no graph kept to the parameters. The readout must have no side
+        effects (no running statistics, no dropout): it runs once more per outer-problem-aware update."""
+
+        def grad(z: Tensor) -> Tensor:
+            with torch.enable_grad():
+                z_in = z.detach().requires_grad_(True)
+                loss = F.cross_entropy(self.readout(z_in), targets, reduction="sum")
+                return torch.autograd.grad(loss, z_in)[0]
+
+        return grad
 
     def parts(self) -> DEQParts:
         """The four parts as functions, for input optimization (:func:`fedeq.models.parts.deq_parts`)."""

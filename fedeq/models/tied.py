@@ -1,18 +1,19 @@
 """Explicit weight-tied models, optionally with a distinct fixed sparse mask per layer.
 
 Following Song, Majumder & Lin ("Revisiting Implicit Models"), the DEQ cell is unrolled an explicit number of
-times ``L`` from ``z₀ = 0`` instead of being solved to a fixed point:
+times ``L`` instead of being solved to a fixed point:
 
-    z_{l+1} = tanh((M_l ⊙ W) z_l / √p + U x + b),      l = 0, …, L - 1,      logits = head(z_L).
+    z₀ = tanh(U x + b),      z_{l+1} = tanh((M_l ⊙ W) z_l / √p + U x + b),      l = 0, …, L - 1,
 
-``W``, ``U``, ``b`` and the head are shared by all layers (the only trained weights). With density
-``p = 1`` every ``M_l`` is all ones (the plain weight-tied model); with ``p < 1`` layer ``l`` applies its own
-binary mask ``M_l`` with exactly ``round(p·d²)`` ones (``unstructured``) or ``round(p·d)`` kept rows
-(``row``: each layer uses its own subset of output units). The ``1/√p`` factor keeps the pre-activation
-variance of the dense model. Masks are drawn from a generator seeded with ``(mask_seed, l)``; they are
-non-persistent buffers, absent from ``state_dict()``, and rebuilt whenever the persistent buffers
-``mask_seed``, ``mask_density`` and ``mask_pattern`` are loaded, so a federated round sends the shared
-weights plus those three scalars.
+and ``logits = head(z_L)``. ``W``, ``U``, ``b`` and the head are shared by all layers (the only trained
+weights). Every layer, the first included, applies its mask to a non-zero state. With density ``p = 1``
+every ``M_l`` is all ones (the plain weight-tied model); with ``p < 1`` layer ``l`` applies its own binary
+mask ``M_l`` (:mod:`~fedeq.models.masks`: ``unstructured`` entries or ``row`` output units, with an optional
+overlap between consecutive layers; overlap 1 is one shared mask). The ``1/√p`` factor keeps the
+pre-activation variance of the dense model. Masks are non-persistent buffers, absent from ``state_dict()``,
+and rebuilt whenever the persistent buffers ``mask_seed``, ``mask_density``, ``mask_pattern`` and
+``mask_overlap`` (``-1`` for independent draws) are loaded, so a federated round sends the shared weights
+plus those four scalars. The convolutional model is :mod:`~fedeq.models.tied_conv`.
 
 Budgets (one model serves every device tier):
 
@@ -27,6 +28,7 @@ modes other than ``jfb`` are accepted and do not change the computation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,84 +36,41 @@ from torch import nn
 
 from fedeq.deq import BackwardStats, DEQOutput, DEQSettings, SolverStats
 from fedeq.models.base import ModelOutput, config_value, flattened_size
+from fedeq.models.masks import MASK_PATTERNS, MaskSpec, make_layer_masks
 from fedeq.registry import MODELS
 
 Tensor = torch.Tensor
 
-MASK_PATTERNS: tuple[str, ...] = ("unstructured", "row")
 _EPS = 1e-12
 
 
-def make_masks(dim: int, depth: int, density: float, pattern: str, seed: int) -> Tensor:
-    """``depth`` binary (dim, dim) masks; layer ``l`` comes from a generator seeded ``seed·1009 + l``."""
-    if pattern not in MASK_PATTERNS:
-        raise ValueError(f"mask_pattern must be one of {', '.join(MASK_PATTERNS)} (got {pattern!r})")
-    if not 0 < density <= 1:
-        raise ValueError(f"mask_density must be in (0, 1] (got {density!r})")
-    masks = torch.ones(depth, dim, dim)
-    if density >= 1:
-        return masks
-    for layer in range(depth):
-        gen = torch.Generator().manual_seed(int(seed) * 1009 + layer)
-        if pattern == "unstructured":
-            k = max(1, round(density * dim * dim))
-            keep = torch.randperm(dim * dim, generator=gen)[:k]
-            flat = torch.zeros(dim * dim)
-            flat[keep] = 1.0
-            masks[layer] = flat.view(dim, dim)
-        else:
-            k = max(1, round(density * dim))
-            rows = torch.randperm(dim, generator=gen)[:k]
-            m = torch.zeros(dim, dim)
-            m[rows] = 1.0
-            masks[layer] = m
-    return masks
+def make_masks(
+    dim: int, depth: int, density: float, pattern: str, seed: int, overlap: float | None = None
+) -> Tensor:
+    """``depth`` binary (dim, dim) masks (:func:`~fedeq.models.masks.make_layer_masks`)."""
+    return make_layer_masks((dim, dim), depth, MaskSpec(density, pattern, seed, overlap))
 
 
-class TiedMLP(nn.Module):
-    """Weight-tied unrolled MLP of depth ``L`` with optional distinct sparse masks (module docstring).
+class MaskedLayers(nn.Module):
+    """The persistent mask scalars of a weight-tied model and the per-layer masks they rebuild.
 
-    Args:
-        in_features, num_classes: input size and number of classes.
-        hidden: width ``d``.
-        depth: number of unrolled layers ``L``.
-        mask_density: fraction ``p ∈ (0, 1]`` of kept entries (1: no masks).
-        mask_pattern: ``unstructured`` or ``row``.
-        mask_seed: seed of the masks (integer ≥ 0).
-        **deq_settings: fields of :class:`fedeq.deq.DEQSettings`; ``f_max_iter``/``b_max_iter`` default to
-            ``depth`` (all layers).
+    Subclasses call :meth:`_init_masks` with the shape of the masked weight and read ``self.masks``
+    (``depth × shape``, already scaled by ``1/√p``) and ``self._dense``.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        num_classes: int,
-        hidden: int = 64,
-        depth: int = 3,
-        mask_density: float = 1.0,
-        mask_pattern: str = "unstructured",
-        mask_seed: int = 0,
-        **deq_settings: Any,
-    ) -> None:
-        super().__init__()
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth must be an integer >= 1 (got {depth!r})")
-        if isinstance(mask_seed, bool) or not isinstance(mask_seed, int) or mask_seed < 0:
-            raise ValueError(f"mask_seed must be an integer >= 0 (got {mask_seed!r})")
-        make_masks(1, 1, mask_density, mask_pattern, 0)  # validates density and pattern
-        self.hidden = hidden
-        self.depth = depth
-        deq_settings = {"f_max_iter": depth, "b_max_iter": depth, **deq_settings}
-        self.settings = DEQSettings().override(**deq_settings).validate()
-        self.inject = nn.Linear(in_features, hidden)
-        self.weight = nn.Parameter(torch.randn(hidden, hidden) * (1.0 / hidden**0.5))
-        self.head = nn.Linear(hidden, num_classes)
-        self.register_buffer("mask_seed", torch.tensor(int(mask_seed), dtype=torch.int64))
-        self.register_buffer("mask_density", torch.tensor(float(mask_density), dtype=torch.float32))
+    depth: int
+
+    def _init_masks(self, shape: tuple[int, ...], spec: MaskSpec) -> None:
+        spec.validate()
+        self._mask_shape = shape
+        self.register_buffer("mask_seed", torch.tensor(int(spec.seed), dtype=torch.int64))
+        self.register_buffer("mask_density", torch.tensor(float(spec.density), dtype=torch.float32))
         self.register_buffer(
-            "mask_pattern", torch.tensor(MASK_PATTERNS.index(mask_pattern), dtype=torch.int64)
+            "mask_pattern", torch.tensor(MASK_PATTERNS.index(spec.pattern), dtype=torch.int64)
         )
-        self.register_buffer("masks", torch.ones(depth, hidden, hidden), persistent=False)
+        overlap = -1.0 if spec.overlap is None else float(spec.overlap)
+        self.register_buffer("mask_overlap", torch.tensor(overlap, dtype=torch.float32))
+        self.register_buffer("masks", torch.ones(self.depth, *shape), persistent=False)
         self.rebuild_masks()
         self.register_load_state_dict_post_hook(lambda module, _keys: module.rebuild_masks())
 
@@ -126,47 +85,121 @@ class TiedMLP(nn.Module):
         pattern = MASK_PATTERNS[int(round(float(self.mask_pattern)))]
         return density, pattern, int(round(float(self.mask_seed)))
 
+    @property
+    def overlap(self) -> float | None:
+        """Consecutive-layer overlap (``None``: independent draws), rounded like the density."""
+        value = round(float(self.mask_overlap), 6)
+        return None if value < 0 else min(value, 1.0)
+
     @torch.no_grad()
     def rebuild_masks(self) -> None:
-        """Regenerate the masks (and the ``1/√p`` scale) from the persistent seed, density and pattern."""
+        """Regenerate the masks (and the ``1/√p`` scale) from the persistent buffers."""
         density, pattern, seed = self.mask_spec
         self._dense = density >= 1
-        masks = make_masks(self.hidden, self.depth, density, pattern, seed) / density**0.5
-        self.masks = masks.to(device=self.weight.device, dtype=self.weight.dtype)
+        spec = MaskSpec(density, pattern, seed, self.overlap)
+        masks = make_layer_masks(self._mask_shape, self.depth, spec) / density**0.5
+        self.masks = masks.to(device=self.mask_density.device)
+
+
+def unroll(
+    layer: Callable[[int, Tensor, Tensor], Tensor],
+    z0: Callable[[Tensor], Tensor],
+    u: Tensor,
+    layers: int,
+    n_bwd: int,
+) -> tuple[Tensor, Tensor]:
+    """``(z_L, z_{L-1})`` of ``z_{l+1} = layer(l, z_l, u)`` from ``z0(u)``; only the last ``n_bwd`` layers
+    (and ``z0`` when ``n_bwd = layers``) are recorded by autograd."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and n_bwd >= layers):
+        z = z0(u)
+    prev = z
+    with torch.no_grad():
+        u_nograd = u.detach()
+        for index in range(layers - n_bwd):
+            prev, z = z, layer(index, z, u_nograd)
+    for index in range(layers - n_bwd, layers):
+        prev, z = z, layer(index, z, u)
+    return z, prev
+
+
+def unrolled_stats(z: Tensor, prev: Tensor, layers: int, s: DEQSettings) -> SolverStats:
+    """Per-sample statistics of an unrolled model in the format of the DEQ solvers."""
+    with torch.no_grad():
+        zd, pd = z.detach().flatten(1), prev.detach().flatten(1)
+        abs_r = (zd - pd).norm(dim=1)
+        rel_r = abs_r / (zd.norm(dim=1) + _EPS)
+        finite = torch.isfinite(zd).all(dim=1)
+        score = rel_r if s.stop_mode == "rel" else abs_r
+        return SolverStats(
+            nfe=torch.full((z.shape[0],), layers, dtype=torch.int64, device=z.device),
+            abs_residual=abs_r,
+            rel_residual=rel_r,
+            converged=finite & (score <= s.tol),
+            diverged=~finite,
+            extra={"layers": layers},
+        )
+
+
+def layer_budget(depth: int, s: DEQSettings) -> tuple[int, int]:
+    """``(layers run, layers back-propagated)`` under the budgets of ``s`` (module docstring)."""
+    layers = min(depth, s.f_max_iter)
+    if not torch.is_grad_enabled():
+        return layers, 0
+    return layers, (1 if s.backward == "jfb" else min(layers, s.b_max_iter))
+
+
+class TiedMLP(MaskedLayers):
+    """Weight-tied unrolled MLP of depth ``L`` with optional distinct sparse masks (module docstring).
+
+    Args:
+        in_features, num_classes: input size and number of classes.
+        hidden: width ``d``.
+        depth: number of unrolled layers ``L``.
+        mask_density: fraction ``p ∈ (0, 1]`` of kept entries (1: no masks).
+        mask_pattern: ``unstructured`` or ``row``.
+        mask_seed: seed of the masks (integer ≥ 0).
+        mask_overlap: share of each layer's kept units that the next layer keeps too (``None``: independent
+            draws; 1: one shared mask).
+        **deq_settings: fields of :class:`fedeq.deq.DEQSettings`; ``f_max_iter``/``b_max_iter`` default to
+            ``depth`` (all layers).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        hidden: int = 64,
+        depth: int = 3,
+        mask_density: float = 1.0,
+        mask_pattern: str = "unstructured",
+        mask_seed: int = 0,
+        mask_overlap: float | None = None,
+        **deq_settings: Any,
+    ) -> None:
+        super().__init__()
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be an integer >= 1 (got {depth!r})")
+        spec = MaskSpec(mask_density, mask_pattern, mask_seed, mask_overlap).validate()
+        self.hidden = hidden
+        self.depth = depth
+        deq_settings = {"f_max_iter": depth, "b_max_iter": depth, **deq_settings}
+        self.settings = DEQSettings().override(**deq_settings).validate()
+        self.inject = nn.Linear(in_features, hidden)
+        self.weight = nn.Parameter(torch.randn(hidden, hidden) * (1.0 / hidden**0.5))
+        self.head = nn.Linear(hidden, num_classes)
+        self._init_masks((hidden, hidden), spec)
 
     def _layer(self, layer: int, z: Tensor, u: Tensor) -> Tensor:
-        w = self.weight if self._dense else self.weight * self.masks[layer]
+        w = self.weight if self._dense else self.weight * self.masks[layer].to(self.weight.dtype)
         return torch.tanh(torch.addmm(u, z, w.T))
 
     def forward(self, x: Tensor, **deq_overrides: Any) -> ModelOutput:
         s = self.settings.override(**deq_overrides) if deq_overrides else self.settings
         u = self.inject(x.flatten(1))
-        layers = min(self.depth, s.f_max_iter)
-        grad = torch.is_grad_enabled()
-        n_bwd = (1 if s.backward == "jfb" else min(layers, s.b_max_iter)) if grad else 0
-        z = torch.zeros_like(u)
-        prev = z
-        with torch.no_grad():
-            u_nograd = u.detach()
-            for layer in range(layers - n_bwd):
-                prev, z = z, self._layer(layer, z, u_nograd)
-        for layer in range(layers - n_bwd, layers):
-            prev, z = z, self._layer(layer, z, u)
-        with torch.no_grad():
-            zd, pd = z.detach(), prev.detach()
-            abs_r = (zd - pd).norm(dim=1)
-            rel_r = abs_r / (zd.norm(dim=1) + _EPS)
-            finite = torch.isfinite(zd).all(dim=1)
-            score = rel_r if s.stop_mode == "rel" else abs_r
-            stats = SolverStats(
-                nfe=torch.full((u.shape[0],), layers, dtype=torch.int64, device=u.device),
-                abs_residual=abs_r,
-                rel_residual=rel_r,
-                converged=finite & (score <= s.tol),
-                diverged=~finite,
-                extra={"layers": layers},
-            )
-        bstats = BackwardStats(mode="unrolled", ready=True, nfe=n_bwd) if grad else None
+        layers, n_bwd = layer_budget(self.depth, s)
+        z, prev = unroll(self._layer, torch.tanh, u, layers, n_bwd)
+        stats = unrolled_stats(z, prev, layers, s)
+        bstats = BackwardStats(mode="unrolled", ready=True, nfe=n_bwd) if torch.is_grad_enabled() else None
         return ModelOutput(self.head(z), DEQOutput(z, stats, bstats, s, graph_evals=0))
 
 
@@ -177,12 +210,31 @@ def build_tied(input_shape: tuple[int, ...], num_classes: int, cfg: Any) -> nn.M
 
 
 @MODELS.register("tied_sparse")
-def build_tied_sparse(input_shape: tuple[int, ...], num_classes: int, cfg: Any) -> nn.Module:
-    """Registry factory for ``tied_sparse``: also ``mask_density``, ``mask_pattern``, ``mask_seed``."""
-    return _build(input_shape, num_classes, cfg, sparse=True)
+def build_tied_sparse(
+    input_shape: tuple[int, ...], num_classes: int, cfg: Any, mask_overlap: float | None = None
+) -> nn.Module:
+    """Registry factory for ``tied_sparse``: also ``mask_density``, ``mask_pattern``, ``mask_seed`` from
+    ``cfg`` and the option ``mask_overlap`` (``model.kwargs``)."""
+    check_kwarg_range("mask_overlap", mask_overlap, 0.0, 1.0)
+    return _build(input_shape, num_classes, cfg, sparse=True, mask_overlap=mask_overlap)
 
 
-def _build(input_shape: tuple[int, ...], num_classes: int, cfg: Any, sparse: bool) -> nn.Module:
+def check_kwarg_range(key: str, value: float | None, low: float, high: float) -> None:
+    """``ValueError`` naming ``model.kwargs.<key>`` unless ``value`` is ``None`` or a number in
+    ``[low, high]``."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ValueError(f"model.kwargs.{key} must be a number in [{low:g}, {high:g}] (got {value!r})")
+
+
+def _build(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    cfg: Any,
+    sparse: bool,
+    mask_overlap: float | None = None,
+) -> nn.Module:
     kwargs: dict[str, Any] = {
         "hidden": int(config_value(cfg, "hidden", 64)),
         "depth": int(config_value(cfg, "depth", 3)),
@@ -192,5 +244,6 @@ def _build(input_shape: tuple[int, ...], num_classes: int, cfg: Any, sparse: boo
             mask_density=float(config_value(cfg, "mask_density", 0.5)),
             mask_pattern=str(config_value(cfg, "mask_pattern", "unstructured")),
             mask_seed=int(config_value(cfg, "mask_seed", 0)),
+            mask_overlap=mask_overlap,
         )
     return TiedMLP(int(flattened_size(input_shape)), num_classes, **kwargs)

@@ -62,8 +62,8 @@ GRADIENTS: tuple[str, ...] = ("ift", "phantom", "unrolled", "jfb")
 class AttackConfig:
     """An attack: kind (``pgd`` | ``fgsm`` | ``jiio``), norm ball and the gradient used through the DEQ.
 
-    ``step_size=None`` means ``2.5·ε/steps`` for PGD (``ε`` for FGSM); for ``jiio`` it is the relative
-    step of the joint iteration (see :func:`fedeq.robust.jiio.jiio_attack`) and ``steps`` its iteration count.
+    ``step_size=None`` means ``2.5·ε/steps`` for PGD and for ``jiio`` (``ε`` for FGSM); for ``jiio``,
+    ``steps`` is the number of joint iterations (see :func:`fedeq.robust.jiio_attack.jiio_attack`).
     """
 
     kind: str = "pgd"
@@ -75,7 +75,8 @@ class AttackConfig:
     gradient: str | None = "ift"
     clamp: tuple[float, float] = (0.0, 1.0)
     options: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments of the attack (``jiio``: ``solver``, ``tol``, ...)."""
+    """Extra keyword arguments of the attack (``jiio``: the keys of
+    :data:`fedeq.robust.jiio_attack.JIIO_OPTIONS`)."""
 
     def validate(self) -> AttackConfig:
         if self.kind not in ATTACKS:
@@ -253,7 +254,7 @@ def run_attack(
         if cfg.kind == "jiio":
             if loss_fn is not None:
                 raise ValueError("the jiio attack maximises the cross-entropy only; loss_fn is not supported")
-            from fedeq.robust.jiio import jiio_attack
+            from fedeq.robust.jiio_attack import jiio_attack
 
             return jiio_attack(model, x, y, cfg, deq=deq, generator=generator)
         return _pgd(model, x, y, cfg, deq, loss_fn, generator, init_delta)

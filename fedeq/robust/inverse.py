@@ -1,17 +1,22 @@
-"""Inverse problems on images with a generative (decoder) DEQ, solved over its latent code.
+"""Inverse problems on images with a generative (decoder) DEQ, solved over its latent code with JIIO.
 
 The decoder maps a code ``c ∈ R^k`` to an image through an equilibrium::
 
     z* = tanh(W z* + U c + b)    (||W||₂ = γ < 1),        x̂(c) = σ(V z* + d).
 
-It is trained as the decoder of an autoencoder (linear encoder ``c = E x``) on clean images. Inpainting /
-denoising of an observation ``y = M ⊙ (x + σ·n)`` (``M`` a 0/1 mask of observed pixels) is then the input
-problem over the code::
+Training (fedeq's variant, not the paper's): :func:`train_decoder` trains it as the decoder of an
+autoencoder with a linear encoder ``c = E x``. The paper instead trains the generator with JIIO itself
+(each batch's latent codes are found by the joint iteration, then the decoder is updated at them); that
+training is not implemented here.
+
+Inference (as in the paper): an observation ``y = M ⊙ (x + σ·n)`` is explained by the code solving::
 
     min_c  ℓ(z*, c) = ½ ||M ⊙ (σ(V z* + d) - y)||² + ½ μ ||c||²,    z* = f(z*, c),
 
 which :func:`fedeq.robust.jiio.jiio` solves jointly with the equilibrium and
-:func:`fedeq.robust.jiio.naive_input_optimization` solves with a full DEQ solve per gradient step.
+:func:`fedeq.robust.naive.naive_input_optimization` solves with a full DEQ solve per gradient step. The tasks
+of :func:`make_observation`: ``random`` (a random share of the pixels missing), ``block`` (block inpainting:
+a square block of each image missing) and ``denoise`` (every pixel observed, with Gaussian noise).
 """
 
 from __future__ import annotations
@@ -25,11 +30,11 @@ from torch import nn
 
 from fedeq.models.mlp_deq import MLPDEQ
 from fedeq.models.parts import DEQParts, deq_parts
-from fedeq.robust.jiio import InputProblem
+from fedeq.robust.input_problem import InputProblem
 
 Tensor = torch.Tensor
 
-__all__ = ["DEQDecoder", "inpainting_problem", "make_observation", "train_decoder"]
+__all__ = ["OBSERVATION_TASKS", "DEQDecoder", "inpainting_problem", "make_observation", "train_decoder"]
 
 
 class DEQDecoder(nn.Module):
@@ -76,7 +81,8 @@ def train_decoder(
     seed: int = 0,
     **deq_settings: Any,
 ) -> tuple[DEQDecoder, nn.Linear]:
-    """Train ``decoder(E x) ≈ x`` (binary cross-entropy on pixels in [0, 1]); returns (decoder, encoder E)."""
+    """Train ``decoder(E x) ≈ x`` as an autoencoder (binary cross-entropy on pixels in [0, 1]); returns
+    (decoder, encoder E). fedeq's variant: the paper trains the generator with JIIO over latent codes."""
     torch.manual_seed(seed)
     n = x.shape[0]
     flat = x.reshape(n, -1)
@@ -98,12 +104,41 @@ def train_decoder(
     return dec, enc
 
 
+OBSERVATION_TASKS: tuple[str, ...] = ("random", "block", "denoise")
+"""What :func:`make_observation` can hide: random pixels, a square block, or nothing (noise only)."""
+
+
 def make_observation(
-    x: Tensor, missing: float = 0.5, noise: float = 0.1, seed: int = 0
+    x: Tensor,
+    missing: float = 0.5,
+    noise: float = 0.1,
+    seed: int = 0,
+    task: str = "random",
+    block: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(y, M)``: a random mask keeping ``1 - missing`` of the pixels and Gaussian noise of std ``noise``."""
+    """``(y, M)`` with ``y = M ⊙ (x + noise·n)`` for images ``x`` of shape (B, C, H, W) (or (B, d) for
+    ``random``/``denoise``).
+
+    ``random``: each pixel missing with probability ``missing``; ``block``: a ``block × block`` square
+    (default half the side) at a random position per image is missing; ``denoise``: ``M = 1``.
+    """
+    if task not in OBSERVATION_TASKS:
+        raise ValueError(f"task must be one of {', '.join(OBSERVATION_TASKS)} (got {task!r})")
     gen = torch.Generator().manual_seed(seed)
-    mask = (torch.rand(x.shape, generator=gen) >= missing).to(x.dtype)
+    if task == "random":
+        mask = (torch.rand(x.shape, generator=gen) >= missing).to(x.dtype)
+    elif task == "denoise":
+        mask = torch.ones_like(x)
+    else:
+        if x.dim() != 4:
+            raise ValueError(f"block inpainting needs images of shape (B, C, H, W) (got {tuple(x.shape)})")
+        h, w = x.shape[-2:]
+        k = block or max(1, min(h, w) // 2)
+        mask = torch.ones_like(x)
+        rows = torch.randint(0, h - k + 1, (x.shape[0],), generator=gen)
+        cols = torch.randint(0, w - k + 1, (x.shape[0],), generator=gen)
+        for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
+            mask[i, :, r : r + k, c : c + k] = 0
     y = mask * (x + noise * torch.randn(x.shape, generator=gen, dtype=x.dtype))
     return y, mask
 

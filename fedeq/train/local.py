@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import time
 from collections.abc import Mapping, Sequence
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedeq.data import batches
-from fedeq.deq.layer import DEQ
+from fedeq.deq.layer import DEQ, DEQSettings
 from fedeq.train.adversarial import AdversarialConfig, adversarial_step
 from fedeq.train.device import examples_on, move_to, seed_global_rng
 from fedeq.train.optimizers import make_optimizer
@@ -33,7 +34,8 @@ class TrainStats:
     fp_residual: float
     """Mean relative fixed-point residual the forward solves reached (0 for explicit models)."""
     nfe_fwd: float
-    """Mean function evaluations per forward pass (solver + evaluations with autograd)."""
+    """Mean function evaluations per forward pass (solver + evaluations with autograd + the VJPs of
+    outer-problem-aware updates)."""
     nfe_bwd: float
     """Mean vector-Jacobian products per backward pass spent on the fixed point."""
     samples_processed: int
@@ -50,6 +52,28 @@ def _default_budget(model: nn.Module) -> int:
     """The forward budget of ``model``'s DEQ (1 for explicit models)."""
     layer = getattr(model, "deq", None)
     return layer.settings.f_max_iter if isinstance(layer, DEQ) else 1
+
+
+def wants_targets(model: nn.Module, overrides: Mapping[str, Any]) -> bool:
+    """Whether a training call of ``model`` with DEQ ``overrides`` makes outer-problem-aware updates
+    (``reuse_opa_every > 0`` with ``backward="broyden_reuse"``), so that the model must receive the
+    targets; ``ValueError`` when the model's ``forward`` takes no ``targets`` keyword."""
+    base = next(
+        (s for m in model.modules() if isinstance(s := vars(m).get("settings"), DEQSettings)), DEQSettings()
+    )
+    every, backward = (
+        getattr(base, k) if overrides.get(k) is None else overrides[k]
+        for k in ("reuse_opa_every", "backward")
+    )
+    if not every or backward != "broyden_reuse":
+        return False
+    if "targets" not in inspect.signature(model.forward).parameters:
+        raise ValueError(
+            f"reuse_opa_every={every} needs the loss gradient during the forward solve, from a model whose "
+            f"forward takes targets= (a DEQClassifier such as mlp_deq or conv_deq); "
+            f"{type(model).__name__} does not"
+        )
+    return True
 
 
 def squared_distance(params: Sequence[Tensor], anchor: Sequence[Tensor]) -> Tensor:
@@ -103,6 +127,9 @@ def train_local(
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     opt = make_optimizer(optimizer, params, lr=lr, weight_decay=weight_decay)
     f_budget = overrides.get("f_max_iter") or _default_budget(model)
+    opa = wants_targets(model, overrides)
+    if opa and adversarial is not None:
+        raise ValueError("reuse_opa_every is not supported with adversarial training (adversarial=...)")
     t0, c0 = time.perf_counter(), time.process_time()
     totals = np.zeros(4)  # loss, residual, nfe_f, nfe_b
     steps = samples = 0
@@ -114,7 +141,7 @@ def train_local(
         if randomize_budget and f_budget > 1:
             call = {**overrides, "f_max_iter": int(torch.randint(1, f_budget + 1, (1,), generator=gen))}
         if adversarial is None:
-            out = model(xb, **call)
+            out = model(xb, targets=yb, **call) if opa else model(xb, **call)
             loss = F.cross_entropy(out.logits, yb)
         else:
             adv = adversarial_step(model, xb, yb, adversarial, call, generator=gen)

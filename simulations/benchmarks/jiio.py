@@ -16,10 +16,20 @@ the naive loop's final batch-mean objective plus ``--gap`` times its total decre
 (median of ``--repeats`` runs), function evaluations and VJPs are read off at the first iterate reaching
 the target.
 
+Three more comparisons on an ``MLPDEQ`` (hidden 64) trained on digits (``--problems pgd backward training``):
+
+- ``pgd``: robust accuracy (whole test split, ε-ball in L∞) under PGD and under the JIIO attack at equal
+  iteration counts ``--attack-steps``, with the attack's function evaluations and VJPs per sample;
+- ``backward``: VJPs of the parameter backward at JIIO's state, warm-started from JIIO's adjoint ``-λ/B``
+  or started from ``w = ∂L/∂z``, and the difference of the parameter gradients;
+- ``training``: PGD-AT vs JIIO-AT from the same initialisation (clean and PGD-20 accuracy, evaluations per
+  sample per training step).
+
 Examples::
 
     python simulations/benchmarks/jiio.py
     python simulations/benchmarks/jiio.py --batch 64 --quick
+    python simulations/benchmarks/jiio.py --problems pgd backward training
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,25 +52,42 @@ if str(ROOT) not in sys.path:
 from fedeq.data import load_dataset  # noqa: E402
 from fedeq.models import MLPDEQ  # noqa: E402
 from fedeq.models.parts import deq_parts  # noqa: E402
+from fedeq.robust import AttackConfig, jiio_adversarial_loss, robust_accuracy, run_attack  # noqa: E402
+from fedeq.robust.ball import project_ball_box  # noqa: E402
+from fedeq.robust.input_problem import InputProblem, JIIOResult  # noqa: E402
 from fedeq.robust.inverse import inpainting_problem, make_observation, train_decoder  # noqa: E402
-from fedeq.robust.jiio import (  # noqa: E402
-    InputProblem,
-    JIIOResult,
-    jiio,
-    naive_input_optimization,
-    solve_objective,
-    solve_state_and_adjoint,
-)
+from fedeq.robust.jiio import jiio  # noqa: E402
+from fedeq.robust.naive import naive_input_optimization, solve_objective, solve_state_and_adjoint  # noqa: E402
 from fedeq.train import train_local  # noqa: E402
+from fedeq.train.adversarial import AdversarialConfig  # noqa: E402
+
+DEQ = {"solver": "anderson", "f_max_iter": 12, "b_max_iter": 12, "tol": 1e-4}
+
+
+def digits_model(
+    args: argparse.Namespace, adversarial: AdversarialConfig | None = None
+) -> tuple[MLPDEQ, Any]:
+    """An ``MLPDEQ`` (hidden 64) trained on digits with ``DEQ`` (and ``adversarial``); (model, TrainStats)."""
+    sp = load_dataset("digits", seed=args.seed)
+    torch.manual_seed(args.seed)
+    model = MLPDEQ(64, 10, hidden=64)
+    stats = train_local(
+        model,
+        sp.x_train,
+        sp.y_train,
+        epochs=args.train_epochs,
+        lr=0.01,
+        deq=DEQ,
+        seed=args.seed,
+        adversarial=adversarial,
+    )
+    model.eval()
+    return model, stats
 
 
 def attack_problem(args: argparse.Namespace) -> tuple[InputProblem, torch.Tensor, torch.Tensor]:
     sp = load_dataset("digits", seed=args.seed)
-    torch.manual_seed(args.seed)
-    model = MLPDEQ(64, 10, hidden=64)
-    deq = {"solver": "anderson", "f_max_iter": 12, "b_max_iter": 12, "tol": 1e-4}
-    train_local(model, sp.x_train, sp.y_train, epochs=args.train_epochs, lr=0.01, deq=deq, seed=args.seed)
-    model.eval()
+    model, _ = digits_model(args)
     for p in model.parameters():
         p.requires_grad_(False)
     parts = deq_parts(model)
@@ -68,7 +96,7 @@ def attack_problem(args: argparse.Namespace) -> tuple[InputProblem, torch.Tensor
     eps = args.eps
 
     def proj(x: torch.Tensor) -> torch.Tensor:
-        return (x0 + (x - x0).clamp(-eps, eps)).clamp(0.0, 1.0)
+        return project_ball_box(x, x0, eps, "linf")
 
     def objective(z: torch.Tensor, _x: torch.Tensor) -> torch.Tensor:
         return -F.cross_entropy(parts.readout(z), y, reduction="none")
@@ -197,6 +225,116 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return out
 
 
+def simple_table(rows: list[dict[str, Any]]) -> str:
+    cols = list(rows[0])
+    out = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    for r in rows:
+        out += "| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + " |\n"
+    return out
+
+
+ATTACK_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "pgd": ("pgd", {}),
+    "jiio": ("jiio", {}),
+    "jiio select=best": ("jiio", {"select": "best"}),
+    "jiio anderson m=5": ("jiio", {"solver": "anderson", "m": 5}),
+    "jiio cold start": ("jiio", {"warm_start": False}),
+}
+
+
+def pgd_comparison(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Robust accuracy under PGD and JIIO at equal iteration counts (whole digits test split)."""
+    sp = load_dataset("digits", seed=args.seed)
+    xt, yt = torch.from_numpy(sp.x_test.copy()), torch.from_numpy(sp.y_test.copy())
+    model, _ = digits_model(args)
+    rows = []
+    for steps in args.attack_steps:
+        for name, (kind, opts) in ATTACK_VARIANTS.items():
+            cfg = AttackConfig(kind, epsilon=args.eps, steps=steps, options=opts)
+            t0 = time.perf_counter()
+            st = robust_accuracy(model, xt, yt, cfg, deq=DEQ)
+            wall = time.perf_counter() - t0
+            cost = run_attack(model, xt, yt, cfg, deq=DEQ, generator=torch.Generator().manual_seed(0))
+            rows.append(
+                {
+                    "iterations": steps,
+                    "attack": name,
+                    "robust acc": float(st.robust_acc),
+                    "f evals / sample": round(cost.nfe_fwd, 1),
+                    "VJPs / sample": round(cost.nfe_bwd, 1),
+                    "wall s": wall,
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def backward_comparison(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """VJPs of the parameter backward at JIIO's state: warm-started from ``-λ/B`` vs started from ``w``."""
+    sp = load_dataset("digits", seed=args.seed)
+    x, y = torch.from_numpy(sp.x_train.copy()), torch.from_numpy(sp.y_train.copy())
+    model, _ = digits_model(args)
+    deq = {**DEQ, "b_max_iter": 100, "tol": 1e-6}
+    rows = []
+    for steps in args.attack_steps:
+        cfg = AttackConfig("jiio", epsilon=args.eps, steps=steps)
+        vjps: dict[bool, list[int]] = {True: [], False: []}
+        diffs = []
+        for b in range(5):
+            grads = {}
+            for warm in (True, False):
+                model.zero_grad(set_to_none=True)
+                xb, yb = x[64 * b : 64 * (b + 1)], y[64 * b : 64 * (b + 1)]
+                gen = torch.Generator().manual_seed(b)
+                loss, out, _, _ = jiio_adversarial_loss(model, xb, yb, cfg, deq, gen, warm_backward=warm)
+                loss.backward()
+                grads[warm] = torch.cat([p.grad.flatten() for p in model.parameters()])
+                vjps[warm].append(out.deq.backward.nfe)
+            diffs.append(float((grads[True] - grads[False]).norm() / grads[False].norm()))
+        model.zero_grad(set_to_none=True)
+        rows.append(
+            {
+                "JIIO iterations": steps,
+                "backward VJPs, warm (-λ/B)": statistics.mean(vjps[True]),
+                "backward VJPs, cold (w)": statistics.mean(vjps[False]),
+                "max rel. gradient difference": max(diffs),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def training_comparison(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """PGD-AT vs JIIO-AT from the same initialisation: clean / PGD-20 accuracy and evaluations per step."""
+    sp = load_dataset("digits", seed=args.seed)
+    xt, yt = torch.from_numpy(sp.x_test.copy()), torch.from_numpy(sp.y_test.copy())
+    eps = args.eps
+    modes = {
+        "pgd-at (PGD-5)": AdversarialConfig("pgd", epsilon=eps, steps=5),
+        "pgd-at (PGD-10)": AdversarialConfig("pgd", epsilon=eps, steps=10),
+        "jiio-at (JIIO-5)": AdversarialConfig("pgd", epsilon=eps, steps=5, attack="jiio"),
+        "jiio-at (JIIO-10)": AdversarialConfig("pgd", epsilon=eps, steps=10, attack="jiio"),
+    }
+    rows = []
+    for name, adv in modes.items():
+        t0 = time.perf_counter()
+        model, stats = digits_model(args, adv)
+        wall = time.perf_counter() - t0
+        st = robust_accuracy(model, xt, yt, AttackConfig("pgd", epsilon=eps, steps=20), deq=DEQ)
+        rows.append(
+            {
+                "training": name,
+                "clean acc": float(st.clean_acc),
+                "PGD-20 acc": float(st.robust_acc),
+                "f evals / sample / step": round(stats.nfe_fwd, 1),
+                "VJPs / sample / step": round(stats.nfe_bwd, 1),
+                "train wall s": wall,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=128)
@@ -213,7 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decoder-epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--problems", nargs="*", default=["attack", "inpainting"])
+    p.add_argument(
+        "--problems",
+        nargs="*",
+        default=["attack", "inpainting", "pgd", "backward", "training"],
+        help="attack, inpainting: JIIO vs the naive loop; pgd: JIIO vs PGD at equal iterations; "
+        "backward: warm-started parameter backward; training: JIIO-AT vs PGD-AT",
+    )
+    p.add_argument("--attack-steps", type=int, nargs="*", default=[5, 10, 20, 40])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="outputs/benchmarks")
     args = p.parse_args(argv)
@@ -227,10 +372,15 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_problem("attack", *attack_problem(args), args)
     if "inpainting" in args.problems:
         rows += run_problem("inpainting", *inpainting(args), args)
-    table = markdown(rows)
+    tables = {"naive": markdown(rows) if rows else ""}
+    extra = {"pgd": pgd_comparison, "backward": backward_comparison, "training": training_comparison}
+    for name, run in extra.items():
+        if name in args.problems:
+            tables[name] = simple_table(run(args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "jiio.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    table = "\n".join(f"### {k}\n\n{v}" for k, v in tables.items() if v)
     (out / "jiio.md").write_text(table)
     print(table)
     return 0

@@ -5,6 +5,10 @@
 * ``val_loss``: q = exp(-ℓ/τ), ℓ = ``val-loss``
 * ``uniform``:  q = 1
 
+These rules are fedeq's own. Gkillas et al. (arXiv 2305.18646) motivate weighting updates from
+heterogeneous devices by their quality, but their exact fusion rule is not public in what we could read, so
+none of these functions is their formula.
+
 Importing this package registers them in :data:`fedeq.registry.QUALITY`; a plug-in adds its own with
 :func:`register_quality`.
 """

@@ -19,7 +19,7 @@ from fedeq.deq.backward.base import (
 from fedeq.deq.backward.ift import IFT, solve_backward
 from fedeq.deq.backward.phantom import Phantom, phantom_unroll
 from fedeq.deq.backward.jfb import JFB
-from fedeq.deq.backward.broyden_reuse import BroydenReuse
+from fedeq.deq.backward.broyden_reuse import BroydenReuse, check_reuse_options, reuse_adjoint
 
 # isort: on
 
@@ -32,8 +32,10 @@ __all__ = [
     "HookBackward",
     "Phantom",
     "check_backward_solver",
+    "check_reuse_options",
     "get_backward",
     "phantom_unroll",
     "required_solver",
+    "reuse_adjoint",
     "solve_backward",
 ]

@@ -6,14 +6,14 @@
 :class:`Solver` subclass in its own module, decorated with ``@SOLVERS.register("name")``.
 """
 
-from fedeq.deq.solvers.base import STOP_MODES, Solver, SolverStats, check_solver_args
+from fedeq.deq.solvers.base import STOP_MODES, OuterGradient, Solver, SolverStats, check_solver_args
 from fedeq.deq.solvers.iterate import Tracker, get_solver, solve
 
 # Built-ins register themselves on import, in the order that messages list them.
 # isort: off
 from fedeq.deq.solvers.fixed_point import FixedPoint
 from fedeq.deq.solvers.anderson import Anderson
-from fedeq.deq.solvers.broyden import Broyden, BroydenFactors, broyden_transpose_apply
+from fedeq.deq.solvers.broyden import Broyden, BroydenFactors, broyden_apply, broyden_transpose_apply
 
 # isort: on
 
@@ -23,9 +23,11 @@ __all__ = [
     "Broyden",
     "BroydenFactors",
     "FixedPoint",
+    "OuterGradient",
     "Solver",
     "SolverStats",
     "Tracker",
+    "broyden_apply",
     "broyden_transpose_apply",
     "check_solver_args",
     "get_solver",

@@ -10,7 +10,7 @@ convergence checks, is the one loop of :mod:`fedeq.deq.solvers.iterate`.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -46,6 +46,10 @@ class SolverStats:
     """Broyden only: ``(U, V)`` of shape (B, m, d) with ``J_g^{-1} ≈ -I + Σ_i u_i v_iᵀ`` (g(z) = f(z) - z):
     a tuple, or a :class:`~fedeq.deq.solvers.broyden.BroydenFactors` that forms the pair on first access."""
     extra: dict = field(default_factory=dict)
+    vjps: int = 0
+    """Vector-Jacobian products of ``f`` the solve itself spent: Broyden's outer-problem-aware updates
+    (:class:`OuterGradient`), one each for the whole batch, each after one loss-gradient pass through the
+    readout; 0 otherwise."""
 
     @property
     def residual(self) -> Tensor:
@@ -71,6 +75,33 @@ def check_solver_args(max_iter: int, tol: float, stop_mode: str, prefix: str = "
         raise ValueError(f"{prefix}tol must be a number > 0 (got {tol!r})")
     if stop_mode not in STOP_MODES:
         raise ValueError(f"{prefix}stop_mode must be one of {', '.join(STOP_MODES)} (got {stop_mode!r})")
+
+
+@dataclass(frozen=True)
+class OuterGradient:
+    """Outer-problem awareness (SHINE's OPA): the solver is handed the gradient of the outer loss.
+
+    ``grad(z)`` returns ``∂L/∂z`` per sample at an iterate ``z`` (shaped like ``z0``, no graph to any
+    parameter). A solver that supports it (:class:`~fedeq.deq.solvers.Broyden`) spends one extra
+    vector-Jacobian product of ``f`` at evaluation ``k`` when :meth:`due`, to make its inverse-Jacobian
+    estimate exact in a direction that the outer gradient chooses.
+    """
+
+    grad: Callable[[Tensor], Tensor]
+    every: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"every must be an integer >= 1 (got {self.every!r})")
+
+    def due(self, k: int, max_iter: int) -> bool:
+        """Whether evaluation ``k`` (0-based) makes an update: ``k > 1``, ``k`` a multiple of ``every``,
+        and a step follows (never at the last evaluation of the budget)."""
+        return k > 1 and k % self.every == 0 and k < max_iter - 1
+
+    def count(self, max_iter: int) -> int:
+        """The most updates a solve with ``max_iter`` evaluations makes."""
+        return sum(self.due(k, max_iter) for k in range(max_iter))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,3 +150,18 @@ class Solver(abc.ABC):
     def finish(self, state: Any, track: Tracker) -> dict[str, Any]:
         """Extra :class:`SolverStats` fields once the loop ends (and buffers handed back)."""
         return {}
+
+    def init_outer(self, z: Tensor, max_iter: int, outer: OuterGradient) -> Any:
+        """The state of a solve that makes outer-problem-aware updates (:class:`OuterGradient`); solvers
+        without them raise ``ValueError``."""
+        raise ValueError(
+            f"solver {type(self).__name__} makes no outer-problem-aware updates (reuse_opa_every needs "
+            "solver='broyden')"
+        )
+
+    def outer_update(
+        self, state: Any, k: int, z: Tensor, vjp: Callable[[Tensor], Tensor], grad: Tensor, track: Tracker
+    ) -> None:
+        """After the step of evaluation ``k`` (``outer.due(k)``): update the state with the outer gradient
+        ``grad`` (B, d) at ``z``, the iterate that evaluation scored; ``vjp(v) = J_fᵀ v`` at ``z``."""
+        raise NotImplementedError

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from fedeq.deq.solvers.base import EPS, Solver
-from fedeq.deq.solvers.broyden_explicit import ExplicitBroydenState
+from fedeq.deq.solvers.base import EPS, OuterGradient, Solver
+from fedeq.deq.solvers.broyden_explicit import ExplicitBroydenState, kept_terms
 from fedeq.deq.solvers.iterate import Tracker, finite_rows
 from fedeq.deq.solvers.workspace import WORKSPACE
 from fedeq.registry import SOLVERS
@@ -26,8 +26,10 @@ class Broyden(Solver):
 
     The inverse Jacobian estimate is ``B = -I + U Vᵀ`` (rank ≤ ``m``, default ``max_iter``); the step is
     ``Δz = -B g`` and the rank-one update is ``B ← B + (Δz - BΔg) Δzᵀ B / (Δzᵀ B Δg)`` (skipped for a
-    sample whose denominator is below 1e-12 in magnitude). The final factors are returned in
-    ``stats.broyden_factors`` for the ``broyden_reuse`` backward.
+    sample whose denominator is below 1e-12 in magnitude). ``stats.broyden_factors`` holds, per sample, the
+    estimate as of its returned candidate: the update made at the evaluation that scored it is the last one
+    kept, later ones (after a residual increase, or a divergence) are dropped, for the ``broyden_reuse``
+    backward.
 
     When the memory holds every update (``m`` is ``None`` or at least ``max_iter - 1``), every step, every
     ``u_i`` and every ``v_i`` lies in the span of the residuals ``Q = [g_0, …, g_k]``, so the solver stores
@@ -38,6 +40,14 @@ class Broyden(Solver):
     forms ``(U, V)`` on first access. With a smaller ``m``, or with more evaluations than a sample has
     entries (where the coefficients would outgrow the vectors), the factors are kept explicitly
     (:class:`~fedeq.deq.solvers.broyden_explicit.ExplicitBroydenState`).
+
+    Outer-problem awareness (``solve(..., outer=OuterGradient(grad, every))``, SHINE's OPA): after the step
+    of each evaluation ``k > 1`` that is a multiple of ``every`` (not the last of the budget), at the
+    iterate ``z_k`` that evaluation scored, with ``σ = B ∇L(z_k)``, ``y = J_gᵀ σ`` (one VJP through that
+    evaluation), ``u = Bσ`` and ``v = (σ - Bᵀy) / (yᵀu)``, the rank-one term ``u vᵀ`` is added, so that
+    ``Bᵀy = σ`` holds exactly (adjoint-secant update; the scale of ``σ`` does not matter). The step already
+    taken is kept; later steps use the new estimate. The term is kept for the backward like the update of
+    evaluation ``k``. Samples that stopped get no term. The factors are then kept explicitly.
     """
 
     m: int | None = None
@@ -60,6 +70,18 @@ class Broyden(Solver):
         st.begin(key, z)
         return st
 
+    def init_outer(self, z: Tensor, max_iter: int, outer: OuterGradient) -> Any:
+        """Explicit factors (the outer-problem-aware terms leave the span of the residuals that the
+        compact state stores), with room for those terms when the memory holds every update."""
+        base = max(max_iter - 1, 1)
+        cap = base + outer.count(max_iter) if self.m is None or self.m >= base else self.m
+        return ExplicitBroydenState(z, cap)
+
+    def outer_update(
+        self, state: Any, k: int, z: Tensor, vjp: Callable[[Tensor], Tensor], grad: Tensor, track: Tracker
+    ) -> None:
+        state.outer_update(k, vjp, grad, track)
+
     def residual(self, state: Any, k: int, z: Tensor, fz: Tensor, track: Tracker) -> Tensor:
         return state.residual(k, z, fz, track)
 
@@ -67,7 +89,7 @@ class Broyden(Solver):
         return state.step(k, z, fz, track, last)
 
     def finish(self, state: Any, track: Tracker) -> dict[str, Any]:
-        return {"broyden_factors": state.factors(track.k)}
+        return {"broyden_factors": state.factors(track.k, track.best_index())}
 
 
 class _BroydenState:
@@ -174,12 +196,17 @@ class _BroydenState:
         v.bg_old.copy_(bg)
         return z_new
 
-    def factors(self, N: int) -> BroydenFactors:
-        """The factors after ``N`` evaluations; the buffers stay lent to them until they are gone."""
+    def factors(self, N: int, best: Tensor) -> BroydenFactors:
+        """The factors after ``N`` evaluations, keeping per sample the ``best[b]`` updates made up to its
+        returned evaluation ``best[b]`` (:func:`kept_terms`); the buffers stay lent to them until they are
+        gone."""
         n = N - 1
-        factors = BroydenFactors(
-            self.Q[:N].transpose(0, 1), self.CU[:, :n, :N], self.CV[:, :n, :N], self.UV[:, :N, :N]
-        )
+        cu, cv, uv = self.CU[:, :n, :N], self.CV[:, :n, :N], self.UV[:, :N, :N]
+        keep = kept_terms(torch.arange(n, device=best.device), best)
+        if keep is not None:  # K = Cᵤᵀ Cᵥ over the kept terms only
+            cu = cu * keep[:, :, None].to(cu.dtype)
+            uv = torch.bmm(cu.mT, cv)
+        factors = BroydenFactors(self.Q[:N].transpose(0, 1), cu, cv, uv)
         WORKSPACE.give(self.key, self.like, self, self.nbytes, user=factors)
         self.like = None
         return factors
@@ -246,3 +273,14 @@ def broyden_transpose_apply(factors: Sequence[Tensor], w: Tensor) -> Tensor:
     # The vector goes on the left of each batched product (much faster than the other way on the CPU).
     c = torch.bmm(w[:, None], U.to(w.dtype).mT)
     return torch.baddbmm(w[:, None], c, V.to(w.dtype), alpha=-1)[:, 0]
+
+
+def broyden_apply(factors: Sequence[Tensor], x: Tensor) -> Tensor:
+    """``-B x = x - U (Vᵀ x)`` for ``x`` of shape (B, d), with ``B = -I + U Vᵀ`` from ``factors``."""
+    if isinstance(factors, BroydenFactors) and factors._uv is None:
+        Q = factors._q.to(x.dtype)
+        a = torch.bmm(x[:, None], Q.mT)  # Qᵀ x
+        return torch.baddbmm(x[:, None], torch.bmm(a, factors._k.mT.to(x.dtype)), Q, alpha=-1)[:, 0]
+    U, V = factors
+    c = torch.bmm(x[:, None], V.to(x.dtype).mT)
+    return torch.baddbmm(x[:, None], c, U.to(x.dtype), alpha=-1)[:, 0]

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from fedeq.deq.solvers.base import EPS
 from fedeq.deq.solvers.iterate import Tracker, finite_rows
 
 Tensor = torch.Tensor
+
+
+def kept_terms(term: Tensor, best: Tensor) -> Tensor | None:
+    """``(B, n)`` mask of the rank-one terms (numbered ``term``, the update of evaluation ``j`` being term
+    ``j - 1``) made up to each sample's returned evaluation ``best``; ``None`` when every term is kept
+    (known on the CPU without a device synchronisation)."""
+    keep = term[None, :] < best[:, None]
+    if best.device.type == "cpu" and bool(keep.all()):
+        return None
+    return keep
 
 
 class ExplicitBroydenState:
@@ -25,12 +37,15 @@ class ExplicitBroydenState:
         self.V = z.new_empty(b, cap, d)
         self.n = 0  # stored rank-one terms
         self.slot = 0  # where the next term goes
+        self.ids = [0] * cap  # the number of the term in each slot (the update of evaluation j is j - 1)
+        self.count = 0  # terms made so far
         # The last step Δz is kept as `dz_step` with Δz = sign * dz_step: a plain step Δz = -B g_old is
         # stored as B g_old with sign -1 (no negated copy); a corrected one as z_new - z with sign 1.
         self.bg_old: Tensor | None = None
         self.dz_step: Tensor | None = None
         self.sign = 1.0
         self.gz: Tensor | None = None
+        self.g_last: Tensor | None = None  # the residual of the last step (for the outer updates)
 
     def residual(self, k: int, z: Tensor, fz: Tensor, track: Tracker) -> Tensor:
         self.gz = fz - z
@@ -39,6 +54,7 @@ class ExplicitBroydenState:
     def step(self, k: int, z: Tensor, fz: Tensor, track: Tracker, last: bool) -> Tensor | None:
         gz = self.gz if track.all_active else torch.nan_to_num(self.gz)
         self.gz = None
+        self.g_last = gz
         U, V, n, cap, slot = self.U, self.V, self.n, self.cap, self.slot
         step, sign = self.dz_step, self.sign
         if n == 0:
@@ -74,6 +90,8 @@ class ExplicitBroydenState:
                 Bg = Bg.addcmul_(U[:, slot], c[:, :, slot], value=-1)
             U[:, slot] = u
             V[:, slot] = v
+            self.ids[slot] = self.count
+            self.count += 1
             self.slot = (slot + 1) % cap
             self.n = min(n + 1, cap)
             if not last:  # B_new g = B_old g + u (vᵀ g)
@@ -94,6 +112,53 @@ class ExplicitBroydenState:
         self.bg_old = Bg
         return z_new
 
-    def factors(self, N: int) -> tuple[Tensor, Tensor]:
-        """The stored terms ``(U, V)``, each (B, n, d)."""
-        return self.U[:, : self.n], self.V[:, : self.n]
+    def apply(self, x: Tensor) -> Tensor:
+        """``B x = -x + U (Vᵀ x)`` over the stored terms, ``x`` of shape (B, d)."""
+        if self.n == 0:
+            return -x
+        U, V = self.U[:, : self.n], self.V[:, : self.n]
+        return torch.baddbmm(x[:, None], torch.bmm(x[:, None], V.mT), U, beta=-1)[:, 0]
+
+    def apply_t(self, x: Tensor) -> Tensor:
+        """``Bᵀ x = -x + V (Uᵀ x)`` over the stored terms."""
+        if self.n == 0:
+            return -x
+        U, V = self.U[:, : self.n], self.V[:, : self.n]
+        return torch.baddbmm(x[:, None], torch.bmm(x[:, None], U.mT), V, beta=-1)[:, 0]
+
+    def outer_update(self, k: int, vjp: Callable[[Tensor], Tensor], grad: Tensor, track: Tracker) -> None:
+        """The outer-problem-aware term after the step of evaluation ``k`` (see
+        :class:`~fedeq.deq.solvers.broyden.Broyden`): ``σ = B grad``, ``y = J_gᵀσ = vjp(σ) - σ``,
+        ``B ← B + u vᵀ`` with ``u = Bσ``, ``v = (σ - Bᵀy) / (yᵀu)``; stopped samples get none."""
+        sigma = self.apply(grad)
+        active = None if track.all_active else track.active_mask()[:, None]
+        if active is not None:
+            sigma = torch.where(active, sigma, 0.0)
+        y = vjp(sigma) - sigma
+        u = self.apply(sigma)
+        denom = torch.linalg.vecdot(y, u)[:, None]
+        good = torch.isfinite(denom) & (denom.abs() > EPS * torch.linalg.vecdot(sigma, sigma)[:, None])
+        if active is not None:
+            good &= active
+        v = torch.where(good, (sigma - self.apply_t(y)) / torch.where(good, denom, 1.0), 0.0)
+        u = torch.where(good, u, 0.0)
+        slot = self.slot
+        self.U[:, slot] = u
+        self.V[:, slot] = v
+        self.ids[slot] = k - 1  # kept for the backward with the update of evaluation k
+        self.slot = (slot + 1) % self.cap
+        self.n = min(self.n + 1, self.cap)
+        # The next step's secant pair needs B g_k with the new B, and the general form of Δz.
+        if self.g_last is not None:
+            self.bg_old = self.apply(self.g_last)
+        if self.dz_step is not None and self.sign != 1.0:
+            self.dz_step, self.sign = self.dz_step * self.sign, 1.0
+
+    def factors(self, N: int, best: Tensor) -> tuple[Tensor, Tensor]:
+        """The stored terms ``(U, V)``, each (B, n, d), with the terms made after each sample's returned
+        evaluation ``best[b]`` zeroed (terms that such later ones overwrote are not recovered)."""
+        U, V = self.U[:, : self.n], self.V[:, : self.n]
+        keep = kept_terms(torch.tensor(self.ids[: self.n], device=best.device), best)
+        if keep is not None:
+            U = U * keep[:, :, None].to(U.dtype)
+        return U, V

@@ -15,6 +15,9 @@ of ``f`` on the batch. Conventions shared by all solvers:
   solves do not synchronise on every step; statistics are kept on the device. On the CPU, where a host
   check costs nothing, the tracker also looks at the batch after every evaluation so that steps in which no
   sample stops or misbehaves skip the masked updates.
+- Outer-problem-aware updates (``outer``, Broyden only) run some evaluations with a graph in ``z`` and
+  take one vector-Jacobian product through each; these are not evaluations of ``f`` and are counted
+  apart, in ``stats.vjps``.
 - Candidates are kept by reference, not copied: ``f`` must return a tensor that it does not modify later
   (as any out-of-place PyTorch expression does). The returned iterate may be one of ``f``'s outputs.
 """
@@ -27,7 +30,7 @@ from typing import Any
 
 import torch
 
-from fedeq.deq.solvers.base import EPS, Solver, SolverStats, check_solver_args
+from fedeq.deq.solvers.base import EPS, OuterGradient, Solver, SolverStats, check_solver_args
 from fedeq.registry import SOLVERS
 
 Tensor = torch.Tensor
@@ -153,6 +156,24 @@ class Tracker:
             return False
         return not bool((self.thresh > -_INF).any())
 
+    def best_index(self) -> Tensor:
+        """The evaluation (0-based) whose candidate each sample returns, shape (B,), int64; -1 for a sample
+        that returns ``z0`` (every evaluation non-finite). The same choice as :meth:`stats`."""
+        k = self.k
+        score_tr = self.rel_tr[:k] if self.rel else self.abs_tr[:k]
+        if self.host and not self.any_stopped:
+            if self.all_improved:
+                return torch.full((score_tr.shape[1],), k - 1, dtype=torch.int64, device=score_tr.device)
+            return score_tr.argmin(dim=0)
+        finite = torch.isfinite(self.abs_tr[:k])
+        stop = torch.nan_to_num(score_tr, nan=0.0, posinf=0.0) <= self.tol
+        first = stop.to(torch.uint8).argmax(dim=0)
+        nfe = torch.where(stop.any(dim=0), first + 1, torch.full_like(first, k))
+        steps = torch.arange(k, device=score_tr.device)[:, None]
+        masked = torch.where((steps < nfe) & finite, score_tr, _INF)
+        idx = masked.argmin(dim=0)
+        return torch.where(torch.isfinite(masked.gather(0, idx[None])[0]), idx, -1)
+
     def stats(self, shape: torch.Size, **extra: Any) -> tuple[Tensor, SolverStats]:
         """The returned iterates (reshaped to ``shape``) and their statistics."""
         k = self.k
@@ -217,25 +238,53 @@ def _flat(f: Func, shape: torch.Size) -> Func:
 
 @torch.no_grad()
 def loop(
-    solver: Solver, f: Func, z0: Tensor, max_iter: int, tol: float, stop_mode: str
+    solver: Solver,
+    f: Func,
+    z0: Tensor,
+    max_iter: int,
+    tol: float,
+    stop_mode: str,
+    outer: OuterGradient | None = None,
 ) -> tuple[Tensor, SolverStats]:
-    """Run ``solver`` on ``z = f(z)`` from ``z0`` with exactly at most ``max_iter`` evaluations of ``f``."""
+    """Run ``solver`` on ``z = f(z)`` from ``z0`` with exactly at most ``max_iter`` evaluations of ``f``.
+
+    With ``outer``, each evaluation that ``outer.due`` names runs ``f`` with a graph in ``z``, and after
+    its step the solver makes an outer-problem-aware update (one VJP through that graph, counted in
+    ``stats.vjps``)."""
     check_solver_args(max_iter, tol, stop_mode)
     shape = z0.shape
     g = _flat(f, shape)
     z = z0.reshape(shape[0], -1)
     track = Tracker(z, max_iter, tol, stop_mode, solver.keep_trace)
     every = solver.check_every or default_check_every(z)
-    state = solver.init(z, max_iter)
+    state = solver.init(z, max_iter) if outer is None else solver.init_outer(z, max_iter, outer)
+    vjps = 0
     for k in range(max_iter):
-        fz = g(z)
+        due = outer is not None and outer.due(k, max_iter)
+        if due:  # the same evaluation, with a graph in z for the update's VJP
+            with torch.enable_grad():
+                z_in = z.detach().requires_grad_(True)
+                fz_graph = g(z_in)
+            fz = fz_graph.detach()
+        else:
+            fz = g(z)
         track.score(fz, solver.residual(state, k, z, fz, track))
         last = k == max_iter - 1 or ((k + 1) % every == 0 and track.done())
         z_new = solver.step(state, k, z, fz, track, last)
         if last:
             break
+        if due:
+
+            def vjp(v: Tensor, out: Tensor = fz_graph, inp: Tensor = z_in) -> Tensor:
+                with torch.enable_grad():
+                    return torch.autograd.grad(out, inp, v)[0]
+
+            grad = outer.grad(z.reshape(shape)).detach().reshape(z.shape).to(z.dtype)
+            solver.outer_update(state, k, z, vjp, grad, track)
+            vjps += 1
+            del fz_graph, z_in
         z = track.keep_finite(z_new)
-    return track.stats(shape, **solver.finish(state, track))
+    return track.stats(shape, vjps=vjps, **solver.finish(state, track))
 
 
 def get_solver(name: str) -> type[Solver]:
@@ -253,14 +302,16 @@ def solve(
     max_iter: int = 30,
     tol: float = 1e-4,
     stop_mode: str = "rel",
+    outer: OuterGradient | None = None,
     **options: Any,
 ) -> tuple[Tensor, SolverStats]:
     """Solve ``z = f(z)`` with the named solver built with ``options`` (or a solver object) under the
-    conventions of this module; unknown options raise ``TypeError``."""
+    conventions of this module; unknown options raise ``TypeError``. ``outer`` (an
+    :class:`~fedeq.deq.solvers.base.OuterGradient`) asks for outer-problem-aware updates (Broyden only)."""
     if isinstance(solver, Solver):
         if options:
             raise TypeError(f"options {sorted(options)} given with a solver object; set them on the object")
         obj = solver
     else:
         obj = get_solver(solver)(**options)
-    return loop(obj, f, z0, max_iter, tol, stop_mode)
+    return loop(obj, f, z0, max_iter, tol, stop_mode, outer)

@@ -1,8 +1,20 @@
 """The MON-DEQ classifiers ``mondeq`` (dense) and ``conv_mondeq`` (convolutional) and their parameters.
 
 Backward modes: ``ift`` solves the adjoint inclusion by splitting (:mod:`~fedeq.models.mondeq.adjoint`);
-``jfb`` uses ``x = D w``; ``phantom`` unrolls damped steps of ``z ← relu(W z + U x + b)``; ``broyden_reuse``
-has no Broyden estimate of the adjoint operator here and runs the ``ift`` splitting instead.
+``broyden_reuse`` has no Broyden estimate of the adjoint operator here and runs the ``ift`` splitting instead.
+Every other registered mode (``phantom``, ``jfb``, plugins) goes through the shared
+:meth:`fedeq.deq.backward.Backward.attach` with the *splitting map* ``T`` as the step, at the splitting
+state ``s*`` (``z* = P(s*)``): ``phantom`` differentiates ``k`` damped steps ``s ← (1-λ) s + λ T(s)`` and
+``jfb`` one step ``T(s*)``. ``T`` is averaged (``fb`` inside its step-size bound, ``pr`` for every ``α``:
+the reflected resolvents of a strongly monotone operator contract), so the unrolled gradient approaches
+the implicit one as ``k`` grows; the plain map ``z ← relu(W z + U x + b)`` is not a contraction for a
+monotone ``W`` (spectral radius of ``diag(relu') W`` above 1 at initialization and after training) and its
+unrolled gradient does not. For ``fb`` one step scales the gradient by ``α`` (``∂T/∂θ = α D ∂y/∂θ``).
+
+Defaults follow the reference experiments: margin ``m = 1`` and a tuned step size. Every ``retune_every``
+training calls the step of the splitting in use is searched again on the batch (halve from 1 while the
+iteration count does not grow) and kept in the persistent buffer ``alpha_tuned`` (it travels and is averaged
+like the weights); it starts at 1 for ``pr`` and 0.25 for ``fb``.
 """
 
 from __future__ import annotations
@@ -15,12 +27,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedeq.deq import BackwardStats, DEQOutput, DEQSettings
-from fedeq.deq.backward import phantom_unroll
+from fedeq.deq.backward import get_backward
 from fedeq.deq.regularizers import jacobian_frobenius
 from fedeq.models.base import ModelOutput, config_value, flattened_size
 from fedeq.models.mondeq.adjoint import ImplicitRelu
-from fedeq.models.mondeq.operators import ConvOperator, DenseOperator, monotone_weight
-from fedeq.models.mondeq.splitting import check_splitting, default_alpha, monotone_solve
+from fedeq.models.mondeq.operators import ConvOperator, DenseOperator, Operator, monotone_weight
+from fedeq.models.mondeq.splitting import (
+    SPLITTINGS,
+    check_splitting,
+    default_alpha,
+    splitting_map,
+    splitting_solve,
+    tune_alpha,
+)
 from fedeq.registry import MODELS
 
 Tensor = torch.Tensor
@@ -31,7 +50,7 @@ __all__ = ["ConvMonDEQ", "MonDEQ", "MonotoneConv", "MonotoneLinear", "build_conv
 class MonotoneLinear(nn.Module):
     """Parameters ``A, B`` of ``W = (1 - m) I - AᵀA + B - Bᵀ``; ``m`` is a persistent buffer (it travels)."""
 
-    def __init__(self, dim: int, m: float = 0.1, init_scale: float = 0.5) -> None:
+    def __init__(self, dim: int, m: float = 1.0, init_scale: float = 0.5) -> None:
         super().__init__()
         _check_margin(m)
         self.dim = dim
@@ -49,7 +68,7 @@ class MonotoneLinear(nn.Module):
 class MonotoneConv(nn.Module):
     """Kernels ``A, B`` (C × C × k × k) of the convolutional ``W`` (circular padding); ``m`` is a buffer."""
 
-    def __init__(self, channels: int, m: float = 0.1, kernel_size: int = 3, init_scale: float = 0.5) -> None:
+    def __init__(self, channels: int, m: float = 1.0, kernel_size: int = 3, init_scale: float = 0.5) -> None:
         super().__init__()
         _check_margin(m)
         if kernel_size < 1 or kernel_size % 2 == 0:
@@ -77,13 +96,37 @@ class _MonotoneEquilibrium(nn.Module):
     mon: MonotoneLinear | MonotoneConv
     head: nn.Module
 
-    def _setup(self, splitting: str, alpha: float | None, deq_settings: dict[str, Any]) -> None:
+    def _setup(
+        self, splitting: str, alpha: float | None, retune_every: int, deq_settings: dict[str, Any]
+    ) -> None:
         check_splitting(splitting)
         if alpha is not None and not alpha > 0:
             raise ValueError(f"alpha must be > 0 or None (got {alpha!r})")
+        if isinstance(retune_every, bool) or not isinstance(retune_every, int) or retune_every < 0:
+            raise ValueError(f"retune_every must be an integer >= 0 (got {retune_every!r})")
         self.splitting = splitting
         self.alpha = alpha
+        self.retune_every = retune_every
+        self._train_calls = 0
         self.settings = DEQSettings().override(**deq_settings).validate()
+        start = [default_alpha(None, name, 1.0) for name in SPLITTINGS]
+        self.register_buffer("alpha_tuned", torch.tensor(start, dtype=torch.float64))
+
+    def step_size(self, splitting: str, opd: Operator, inj: Tensor, s: DEQSettings) -> float:
+        """The splitting step ``α``: the fixed ``alpha`` if one was given, else the tuned one of this
+        splitting (``alpha_tuned``), searched again on the batch every ``retune_every`` training calls with
+        :func:`~fedeq.models.mondeq.splitting.tune_alpha` (kept when no step converges in 100 steps)."""
+        if self.alpha is not None:
+            return float(self.alpha)
+        index = SPLITTINGS.index(splitting)
+        if self.training and torch.is_grad_enabled():
+            self._train_calls += 1
+            if self.retune_every and self._train_calls % self.retune_every == 0:
+                with torch.no_grad():
+                    alpha, its = tune_alpha(opd, inj.detach(), splitting, max_iter=100, tol=s.tol)
+                if its <= 100:
+                    self.alpha_tuned[index] = alpha
+        return float(self.alpha_tuned[index])
 
     def _injection(self, x: Tensor) -> Tensor:
         return self.inject(x)
@@ -91,15 +134,15 @@ class _MonotoneEquilibrium(nn.Module):
     def equilibrium(self, x: Tensor, **overrides: Any) -> DEQOutput:
         """The equilibrium ``z*`` of a batch with statistics (and the gradient attached when training)."""
         splitting = overrides.pop("splitting", None) or self.splitting
-        alpha = overrides.pop("alpha", None) or self.alpha
+        alpha = overrides.pop("alpha", None)
         check_splitting(splitting)
         s = self.settings.override(**overrides) if overrides else self.settings
         inj = self._injection(x)
         op = self.mon.operator(inj)
         opd = op.detach()
+        a = self.step_size(splitting, opd, inj, s) if alpha is None else float(alpha)
         with torch.no_grad():
-            a = default_alpha(opd, splitting, float(self.mon.m)) if alpha is None else float(alpha)
-            z_star, fstats = monotone_solve(
+            state, fstats = splitting_solve(
                 opd,
                 inj.detach(),
                 splitting=splitting,
@@ -110,23 +153,25 @@ class _MonotoneEquilibrium(nn.Module):
                 stop_mode=s.stop_mode,
                 **s.solver_options,
             )
+            z_star = splitting_map(opd, inj.detach(), splitting, a)[1](state)
         if not torch.is_grad_enabled():
             return DEQOutput(z_star, fstats, None, s)
         need_z_grad = s.jac_reg_samples > 0
-        z_in = z_star.detach().requires_grad_(need_z_grad)
-        y = op.apply(z_in) + inj
-        jac_loss = jacobian_frobenius(F.relu(y), z_in, s.jac_reg_samples) if need_z_grad else None
         mode = "ift" if s.backward == "broyden_reuse" else s.backward
+        jac_loss = None
+        if mode == "ift" or need_z_grad:
+            z_in = z_star.detach().requires_grad_(need_z_grad)
+            y = op.apply(z_in) + inj
+            jac_loss = jacobian_frobenius(F.relu(y), z_in, s.jac_reg_samples) if need_z_grad else None
         bstats = BackwardStats(mode=mode)
-        graph_evals = 1
-        if mode == "jfb":
-            z_out = F.relu(y)
-        elif mode == "phantom":
-            z_out, steps = phantom_unroll(lambda z: F.relu(op.apply(z) + inj), z_in, F.relu(y), s)
-            graph_evals = steps
-            bstats.nfe, bstats.ready = steps, True
-        else:
-            z_out = ImplicitRelu.apply(y, opd, s, (splitting, a), bstats)
+        if mode == "ift":
+            z_out, graph_evals = ImplicitRelu.apply(y, opd, s, (splitting, a), bstats), 1
+        else:  # the shared backward modes, on the splitting map (module docstring)
+            backward = get_backward(mode)()
+            T, read = splitting_map(op, inj, splitting, a)
+            s_in = state.detach().requires_grad_(backward.needs_z_grad)
+            s_out, graph_evals = backward.attach(T, s_in, T(s_in), fstats, s, bstats)
+            z_out = read(s_out)
         if mode != s.backward:
             s = replace(s, backward=mode)
         return DEQOutput(z_out, fstats, bstats, s, jac_loss=jac_loss, graph_evals=graph_evals)
@@ -142,9 +187,11 @@ class MonDEQ(_MonotoneEquilibrium):
     Args:
         in_features, num_classes: input size and number of classes.
         hidden: width ``d`` of the equilibrium state.
-        monotone_m: the margin ``m`` in ``(0, 1]``.
+        monotone_m: the margin ``m`` in ``(0, 1]`` (default 1, as in the reference experiments).
         splitting: ``"pr"`` (Peaceman-Rachford) or ``"fb"`` (forward-backward); per call ``splitting=...``.
-        alpha: splitting step size (``None``: ``m/L²`` for fb, 1 for pr); per call ``alpha=...``.
+        alpha: fixed splitting step size, or ``None`` for the tuned one (:meth:`step_size`: it starts at 1 for
+            pr and 0.25 for fb and travels in the state dict as ``alpha_tuned``); per call ``alpha=...``.
+        retune_every: training calls between two step-size searches (0: never search).
         **deq_settings: fields of :class:`fedeq.deq.layer.DEQSettings` (solver applied to the splitting map,
             budgets, tolerance, backward mode); the same names are accepted as per-call overrides.
     """
@@ -154,13 +201,14 @@ class MonDEQ(_MonotoneEquilibrium):
         in_features: int,
         num_classes: int,
         hidden: int = 64,
-        monotone_m: float = 0.1,
+        monotone_m: float = 1.0,
         splitting: str = "pr",
         alpha: float | None = None,
+        retune_every: int = 100,
         **deq_settings: Any,
     ) -> None:
         super().__init__()
-        self._setup(splitting, alpha, deq_settings)
+        self._setup(splitting, alpha, retune_every, deq_settings)
         self.inject = nn.Linear(in_features, hidden)
         self.mon = MonotoneLinear(hidden, monotone_m)
         self.head = nn.Linear(hidden, num_classes)
@@ -181,13 +229,14 @@ class ConvMonDEQ(_MonotoneEquilibrium):
         in_channels: int,
         num_classes: int,
         channels: int = 16,
-        monotone_m: float = 0.1,
+        monotone_m: float = 1.0,
         splitting: str = "pr",
         alpha: float | None = None,
+        retune_every: int = 100,
         **deq_settings: Any,
     ) -> None:
         super().__init__()
-        self._setup(splitting, alpha, deq_settings)
+        self._setup(splitting, alpha, retune_every, deq_settings)
         self.inject = nn.Conv2d(in_channels, channels, 3, padding=1)
         self.mon = MonotoneConv(channels, monotone_m)
         self.head = nn.Sequential(
@@ -197,16 +246,16 @@ class ConvMonDEQ(_MonotoneEquilibrium):
 
 @MODELS.register("mondeq")
 def build_mondeq(input_shape: tuple[int, ...], num_classes: int, cfg: Any) -> nn.Module:
-    """Registry factory: ``hidden`` and ``monotone_m`` from ``cfg`` (defaults 64 and 0.1)."""
-    m = float(config_value(cfg, "monotone_m", 0.1))
+    """Registry factory: ``hidden`` and ``monotone_m`` from ``cfg`` (defaults 64 and 1)."""
+    m = float(config_value(cfg, "monotone_m", 1.0))
     hidden = int(config_value(cfg, "hidden", 64))
     return MonDEQ(int(flattened_size(input_shape)), num_classes, hidden=hidden, monotone_m=m)
 
 
 @MODELS.register("conv_mondeq")
 def build_conv_mondeq(input_shape: tuple[int, ...], num_classes: int, cfg: Any) -> nn.Module:
-    """Registry factory: ``channels`` and ``monotone_m`` from ``cfg`` (defaults 16 and 0.1)."""
-    m = float(config_value(cfg, "monotone_m", 0.1))
+    """Registry factory: ``channels`` and ``monotone_m`` from ``cfg`` (defaults 16 and 1)."""
+    m = float(config_value(cfg, "monotone_m", 1.0))
     return ConvMonDEQ(
         int(input_shape[0]), num_classes, channels=int(config_value(cfg, "channels", 16)), monotone_m=m
     )
