@@ -13,6 +13,7 @@ from .registry import (
     resolve_strategy_class,
 )
 from .validation import array_layout, records_of
+from .weights import ReportsWeights
 
 __all__ = [
     "GUARD_PARAMETERS",
@@ -23,6 +24,7 @@ __all__ = [
     "QualityWeightedFedAvg",
     "ReplyCheck",
     "ReplyGuard",
+    "ReportsWeights",
     "accepted_parameters",
     "array_layout",
     "build_strategy",

@@ -38,11 +38,15 @@ from .validation import (
     non_finite_array,
     records_of,
 )
+from .weights import normalise, rule_weights, weight_reporter
 
 __all__ = ["ReplyCheck", "ReplyGuard"]
 
 _STATUSES = ("ok", "rejected", "failed")
 """Always counted; ``offline`` and ``dropped`` appear in the counts only when they occur."""
+_EXPECTED = ("offline", "dropped")
+"""Statuses the simulation itself causes (a device's availability, the round's deadline): counted and logged
+at INFO, not warned about."""
 
 ReplyCheck = Callable[[Mapping[str, Any]], "tuple[str, str] | None"]
 """An extra acceptance test of a valid train reply's metrics: ``None`` to accept, or ``(status, reason)``
@@ -66,7 +70,9 @@ class ReplyGuard(Strategy):
     Attributes
     ----------
     client_log : list[dict]
-        One entry per train reply: ``round, node_id, status, reason`` and the reply's metrics.
+        One entry per train reply: ``round, node_id, status, reason, weight`` and the reply's metrics;
+        ``weight`` is the reply's normalised aggregation weight (:mod:`strategies.weights`: the strategy's
+        ``aggregation_weights`` hook, else its Flower rule; 0 for replies not aggregated).
     round_counts : dict[int, dict[str, int]]
         ``{round: {"ok": n, "rejected": n, "failed": n}}`` for train replies.
     eval_client_log, eval_round_counts
@@ -96,6 +102,8 @@ class ReplyGuard(Strategy):
         self.eval_round_counts: dict[int, dict[str, int]] = {}
         self.global_layout: ArrayLayout | None = None
         self.reply_checks: list[ReplyCheck] = []
+        self.federated_evaluation = True
+        """``False``: no evaluate round at all (``configure_evaluate`` sends nothing)."""
 
     def __repr__(self) -> str:
         return f"ReplyGuard({self.strategy!r})"
@@ -103,6 +111,8 @@ class ReplyGuard(Strategy):
     def summary(self) -> None:
         """Log the guard's requirements, then the wrapped strategy's summary."""
         log(INFO, "\t├──> Reply guard: required train metrics %s", list(self.required_keys(train=True)))
+        if not self.federated_evaluation:
+            log(INFO, "\t├──> Federated evaluation: off (the strategy's evaluate settings unused)")
         self.strategy.summary()
 
     # ------------------------------------------------------------------ configuration
@@ -121,7 +131,9 @@ class ReplyGuard(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """The wrapped strategy's evaluation round."""
+        """The wrapped strategy's evaluation round (none when :attr:`federated_evaluation` is off)."""
+        if not getattr(self, "federated_evaluation", True):  # absent in guards restored from old snapshots
+            return []
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     # ------------------------------------------------------------------ aggregation
@@ -137,10 +149,30 @@ class ReplyGuard(Strategy):
         if not valid:
             log(WARNING, "ReplyGuard: round %s has no valid train reply; global model kept", server_round)
             return None, None
+        reporter = weight_reporter(self.strategy)
+        weights = None if reporter is not None else rule_weights(self.strategy, valid)  # before: may consume
         arrays, metrics = self.strategy.aggregate_train(server_round, valid)
+        if reporter is not None:
+            weights = dict(reporter.aggregation_weights(server_round, valid))
+        self._record_weights(server_round, valid, weights if arrays is not None else {})
         if arrays is not None and self.global_layout is not None:
             arrays = cast_to_layout(arrays, self.global_layout)
         return arrays, metrics
+
+    def _record_weights(
+        self, server_round: int, valid: Sequence[Message], weights: Mapping[int, float] | None
+    ) -> None:
+        """Put each accepted reply's normalised aggregation weight in its log entry (``weight``): 0 for
+        every reply when the round aggregated nothing, ``None`` when the strategy's weights are unknown or not
+        valid (negative, or not summing to a positive number)."""
+        share: dict[int, float] | None = {}
+        if weights:  # an empty mapping: nothing was aggregated
+            share = normalise(weights, [int(m.metadata.src_node_id) for m in valid]) or None
+        elif weights is None:
+            share = None
+        for entry in self.round_entries(server_round):
+            if entry["status"] == "ok":
+                entry["weight"] = None if share is None else share.get(entry["node_id"], 0.0)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Drop failed/invalid evaluate replies; aggregate the rest with the wrapped strategy."""
@@ -239,14 +271,14 @@ class ReplyGuard(Strategy):
             if status == "ok":
                 valid.append(msg)
             else:
+                text = str(reason)
                 log(
-                    WARNING,
-                    "ReplyGuard: %s reply from node %s in round %s %s: %s",
+                    INFO if status in _EXPECTED else WARNING,
+                    "ReplyGuard: %s reply from node %s in round %s %s",
                     "train" if train else "evaluate",
                     node_id,
                     server_round,
-                    status,
-                    reason,
+                    text if text.startswith(f"{status}:") else f"{status}: {text}",
                 )
             entry: dict[str, Any] = {
                 "round": server_round,
@@ -254,6 +286,8 @@ class ReplyGuard(Strategy):
                 "status": status,
                 "reason": reason,
             }
+            if train:
+                entry["weight"] = 0.0  # the accepted ones get theirs once the round is aggregated
             for key, value in metrics.items():
                 entry[key if key not in entry else f"metric/{key}"] = value
             log_list.append(entry)
@@ -261,12 +295,10 @@ class ReplyGuard(Strategy):
         (self.round_counts if train else self.eval_round_counts)[server_round] = counts
         log(
             INFO,
-            "ReplyGuard: %s round %s: %d ok, %d rejected, %d failed",
+            "ReplyGuard: %s round %s: %s",
             "train" if train else "evaluate",
             server_round,
-            counts["ok"],
-            counts["rejected"],
-            counts["failed"],
+            ", ".join(f"{n} {status}" for status, n in counts.items() if n or status in _STATUSES),
         )
         return valid
 

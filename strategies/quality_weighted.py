@@ -69,6 +69,10 @@ class QualityWeightedFedAvg(FedAvg):
         """The metric keys the quality function reads (the reply guard rejects replies without them)."""
         return self.scorer.requires
 
+    def aggregation_weights(self, server_round: int, replies: Sequence[Message]) -> Mapping[int, float]:
+        """The weights of the latest aggregation (the reply guard's hook for ``clients.csv``)."""
+        return self.last_weights
+
     def summary(self) -> None:
         """Log the quality settings, then FedAvg's summary."""
         log(INFO, "\t├──> Quality weighting: q=%s, temperature=%s", self.quality, self.temperature)

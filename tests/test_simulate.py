@@ -64,12 +64,14 @@ def test_missing_config_file_and_stray_argument_exit_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_small_flower_simulation_writes_outputs_and_learns(tmp_path):
+def test_small_flower_simulation_writes_outputs_and_learns(tmp_path, capfd):
     from fedeq.engines.simulate import simulate
 
     cfg = load_config(QUICK, [f"output_dir={tmp_path}", "run_name=run", "engine=flower"])
-    out = simulate(cfg, quiet=True)
+    out = simulate(cfg)  # not quiet: Flower's warnings are shown, but no deprecation banner
     assert out == tmp_path / "run"
+    printed = capfd.readouterr()
+    assert "round   2/2" in printed.err and "deprecat" not in (printed.out + printed.err).lower()
     for name in (
         "config.yaml",
         "rounds.csv",

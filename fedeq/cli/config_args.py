@@ -50,7 +50,7 @@ def check_model(cfg: Any, splits: DatasetSplits) -> None:
     from fedeq.models import build_model
 
     try:
-        build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.model)
+        model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.model)
     except ConfigError:
         raise
     except (ValueError, TypeError) as exc:
@@ -60,3 +60,16 @@ def check_model(cfg: Any, splits: DatasetSplits) -> None:
             f"the model factory refused its options ({type(exc).__name__}: {' '.join(str(exc).split())})"
         )
         raise ConfigError(key, problem, "options the model factory accepts", got) from None
+    if getattr(cfg.train, "intermediate_states", False):
+        from fedeq.train.intermediate import check_intermediate_states
+
+        try:
+            check_intermediate_states(model)
+        except ValueError:
+            allowed = (
+                "false, or true with a model exposing its equilibrium map "
+                "(mlp_deq, conv_deq, lyadeq, potential_deq)"
+            )
+            raise ConfigError(
+                "train.intermediate_states", f"not supported by model {cfg.model.name!r}", allowed, True
+            ) from None

@@ -1,8 +1,9 @@
 """The ``fedeq`` command line.
 
 ``fedeq simulate [CONFIG.yaml] [key=value ...]`` runs a simulation (the embedded default without CONFIG);
-``fedeq deploy ...`` runs on a real Flower SuperLink and SuperNodes. A bad config or argument exits with
-status 2 and one line naming the key, before any work.
+``fedeq deploy ...`` runs on a real Flower SuperLink and SuperNodes; ``fedeq config show [CONFIG.yaml]
+[key=value ...]`` prints the resolved config with a description of every key. A bad config or argument
+exits with status 2 and one line naming the key, before any work.
 
 This module builds the parser from the subcommands' modules (:mod:`fedeq.cli.simulate`,
 :mod:`fedeq.cli.deploy`) and dispatches to them; they never import it.
@@ -15,12 +16,17 @@ import sys
 from collections.abc import Callable, Sequence
 
 from fedeq.cli.config_args import check_runnable, split_config_args
+from fedeq.cli.config_show import add_config_parser, cmd_config
 from fedeq.cli.deploy import add_deploy_parser, cmd_deploy
 from fedeq.cli.simulate import add_simulate_parser, cmd_simulate
 
-__all__ = ["build_parser", "check_runnable", "main", "split_config_args"]
+__all__ = ["build_parser", "check_runnable", "main", "parse_args", "split_config_args"]
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"simulate": cmd_simulate, "deploy": cmd_deploy}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "simulate": cmd_simulate,
+    "deploy": cmd_deploy,
+    "config": cmd_config,
+}
 """Subcommand name -> the function that runs it (returns the exit status)."""
 
 
@@ -35,17 +41,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_simulate_parser(sub)
     add_deploy_parser(sub)
+    add_config_parser(sub)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a command line without running it: options and ``key=value`` overrides may come in any order
+    for every subcommand that takes ``[CONFIG.yaml] [key=value ...]`` (exit 2 on anything else unknown)."""
     parser = build_parser()
     ns, extra = parser.parse_known_args(argv)
-    if extra:  # overrides may follow options: `fedeq simulate cfg.yaml --quiet rounds=5`
+    if extra:  # positionals after an option are left over: `fedeq deploy run cfg.yaml --nodes 3 rounds=5`
         flags = [e for e in extra if e.startswith("-")]
-        if ns.command != "simulate" or flags:
+        if flags or not isinstance(getattr(ns, "args", None), list):
             parser.error(f"unrecognized arguments: {' '.join(flags or extra)}")
         ns.args = [*ns.args, *extra]
+    return ns
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = parse_args(argv)
     command = COMMANDS.get(ns.command)
     return command(ns) if command is not None else 2
 

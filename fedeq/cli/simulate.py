@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from fedeq.cli.config_args import check_runnable, split_config_args
+from fedeq.cli.resume import resume_config
 from fedeq.config import ConfigError, load_config
 
 __all__ = ["add_simulate_parser", "cmd_simulate"]
@@ -26,49 +29,83 @@ def add_simulate_parser(sub: Any) -> argparse.ArgumentParser:
     sim.add_argument(
         "--resume",
         metavar="OUTPUT_DIR",
-        help="continue an interrupted run from its folder (its config.yaml and checkpoint.pkl)",
+        help="continue an interrupted run from its folder (its config.yaml and checkpoint.pkl); "
+        "rounds=N extends it to N rounds",
+    )
+    sim.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in output_dir/run_name (once the config is valid)",
+    )
+    sim.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate and print the plan (tiers, data, resources, model) without running or writing",
     )
     return sim
 
 
-def _resume_config(resume: Path, args: list[str]) -> Any:
-    """The config of the run in ``resume``, checked for resuming (``ConfigError`` naming ``--resume``)."""
-    from fedeq.engines import resumable_engines, resume_refused
+def _interrupted(out: Path, cfg: Any, fresh: bool) -> str:
+    """The line printed when a run was stopped by a signal: the round its checkpoint holds and how to go on
+    (a new run stopped before its first round is removed: there is nothing to continue)."""
+    from fedeq.engines import resume_refused
+    from fedeq.results.checkpoint import checkpoint_round
 
-    if args:
-        raise ConfigError("--resume", "takes no config or overrides", "--resume OUTPUT_DIR alone", args)
-    if not (resume / "checkpoint.pkl").is_file() or not (resume / "config.yaml").is_file():
-        raise ConfigError("--resume", "no checkpoint.pkl and config.yaml", "a fedeq run folder", str(resume))
-    cfg = load_config(resume / "config.yaml")
+    done = checkpoint_round(out)
+    if done is None:
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
+        return "interrupted before round 1 completed; nothing to continue"
     if resume_refused(cfg.engine) is not None:
-        allowed = " | ".join(f"engine={name}" for name in resumable_engines())
-        raise ConfigError("--resume", f"only runs on {allowed} can be resumed", allowed, cfg.engine)
-    from fedeq.results.checkpoint import load_checkpoint
-
-    try:  # a damaged checkpoint or journal stops here, not mid-run
-        load_checkpoint(resume, truncate=False)
-    except ValueError as err:
-        problem = str(err).removeprefix("--resume: ")
-        allowed = "checkpoint.pkl and checkpoint.journal as fedeq wrote them"
-        raise ConfigError("--resume", problem, allowed, str(resume)) from err
-    return cfg
+        return f"interrupted after round {done}; runs on engine={cfg.engine} cannot be resumed ({out})"
+    return f"interrupted after round {done}; continue with fedeq simulate --resume {out}"
 
 
 def cmd_simulate(ns: argparse.Namespace) -> int:
-    """Run the simulation ``ns`` describes; 2 on a bad config or argument, before any work."""
+    """Run the simulation ``ns`` describes and print its closing summary.
+
+    Exit status: 0 done; 1 no client update was accepted in any round; 2 a bad config or argument (before
+    any work); 128 + the signal number when stopped by SIGINT (130) or SIGTERM (143), after cleaning up.
+    """
+    from fedeq.results.recorder import check_new_run, run_dir
+
     resume = Path(ns.resume) if ns.resume else None
     try:
         if resume is not None:
-            cfg = _resume_config(resume, ns.args)
+            if ns.overwrite:
+                raise ConfigError("--overwrite", "cannot be combined with --resume", "one of them", True)
+            cfg = resume_config(resume, ns.args)
+            out = resume
         else:
             path, overrides = split_config_args(ns.args)
             cfg = load_config(path, overrides)
+            out = run_dir(cfg.output_dir, cfg.run_name)
+            if not ns.overwrite:
+                check_new_run(out)
         check_runnable(cfg)
     except (ConfigError, ValueError) as err:
         print(f"fedeq: error: {err}", file=sys.stderr)
         return 2
-    from fedeq.engines.simulate import simulate
+    if ns.dry_run:
+        from fedeq.cli.plan import print_plan
 
-    out = simulate(cfg, quiet=ns.quiet, resume_dir=resume)
-    print(f"results written to {out}")
+        print_plan(cfg, out)
+        return 0
+    from fedeq.cli.summary import print_summary
+    from fedeq.engines.deploy.processes import signals_raise
+    from fedeq.engines.simulate import simulate
+    from fedeq.results.run_report import read_report
+
+    try:
+        with signals_raise():
+            simulate(cfg, quiet=ns.quiet, resume_dir=resume, overwrite=ns.overwrite, out_dir=out)
+    except KeyboardInterrupt as stop:  # SIGINT, SIGTERM, SIGHUP: the engine has cleaned up by now
+        print(_interrupted(out, cfg, fresh=resume is None), file=sys.stderr, flush=True)
+        return 128 + int(getattr(stop, "signum", signal.SIGINT))
+    report = read_report(out)
+    print_summary(report)
+    failure = report.failure()
+    if failure is not None:
+        print(f"fedeq: error: {failure}", file=sys.stderr)
+        return 1
     return 0

@@ -25,14 +25,21 @@ class DataConfig(Section):
     """Data set and its partition over clients."""
 
     name: registered_name(DATASETS) = "digits"  # type: ignore[valid-type]
+    """A registered data set: ``digits``, ``mnist5k``, ``npz``, ``hf`` or one a plugin registers."""
     path: str | None = None
+    """npz: the ``.npz`` file of the examples."""
     test_path: str | None = None
+    """npz: a ``.npz`` file of test examples (null: ``test_fraction`` of ``path``)."""
     test_fraction: Float = Field(0.2, gt=0, lt=1)
     """Share of the examples held out for testing when the source has no test split of its own."""
     val_fraction: Float = Field(0.1, ge=0, lt=1)
+    """Share of each client's examples kept for local validation."""
     partition: registered_name(PARTITIONERS) = "dirichlet"  # type: ignore[valid-type]
+    """How the examples are split over clients: a registered partitioner (``iid``, ``dirichlet``, ...)."""
     alpha: Float = Field(0.5, gt=0)
+    """dirichlet: concentration of each client's label distribution (smaller: more skewed)."""
     labels_per_client: Int = Field(2, ge=1)
+    """Label-skewed partitioners (shards, pathological): classes per client."""
     source: Name | None = None
     """hf: a Hugging Face Hub id (needs the internet), a directory saved with ``save_to_disk``, an image
     folder, or a ``.parquet`` / ``.csv`` file."""

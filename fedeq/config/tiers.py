@@ -42,22 +42,35 @@ class TierConfig(Section):
     """
 
     name: str
+    """The tier's name (in ``clients.csv`` and the node config)."""
     share: Float = 0.0
     """In (0, 1] for a tier without ``ids``, in [0, 1] (and unused) for one with them."""
     ids: list[Int] | None = None
     """Client ids of the tier, each in 0..num_clients-1 and in at most one tier."""
     solver: SolverName = "anderson"
+    """Forward fixed-point solver: a registered name (``fixed_point``, ``anderson``, ``broyden``)."""
     f_max_iter: Int = Field(ge=1)
+    """Forward budget: function evaluations per solve."""
     b_max_iter: Int = Field(ge=1)
+    """Backward budget: iterations of the backward mode."""
     backward: BackwardName = "ift"
+    """Backward mode: a registered name (``ift``, ``phantom``, ``jfb``, ``broyden_reuse``)."""
     speed: Float = Field(1.0, gt=0)
+    """Relative compute speed of the device (1.0: the reference; simulated time only)."""
     bandwidth_up_mbps: Float = Field(10.0, gt=0)
+    """Upload bandwidth in Mbit/s (simulated time only)."""
     bandwidth_down_mbps: Float = Field(50.0, gt=0)
+    """Download bandwidth in Mbit/s (simulated time only)."""
     latency_s: Float = Field(0.05, ge=0)
+    """One-way network latency in seconds (simulated time only)."""
     availability: Float = Field(1.0, gt=0, le=1)
+    """Probability that a sampled client of the tier is online in a round."""
     num_cpus: Float = Field(1.0, gt=0)
+    """Ray CPUs of each actor of the tier's pool (also its torch threads)."""
     num_gpus: Float = Field(0.0, ge=0)
+    """Ray GPU share of each actor of the tier's pool (0.25: four actors per GPU)."""
     memory_mb: Float | None = Field(None, gt=0)
+    """Ray memory reservation of each actor in MiB (null: none)."""
 
     @field_validator("name")
     @classmethod
@@ -106,7 +119,9 @@ class DevicesConfig(Section):
     """Device tiers and the optional simulated round deadline (seconds)."""
 
     tiers: list[TierConfig] = Field(default_factory=default_tiers)
+    """Device tiers: share of the clients, solver budgets, backward mode, simulated hardware."""
     deadline_s: Float | None = Field(None, gt=0)
+    """Simulated round deadline in seconds (null: none); see ``deadline_policy``."""
     deadline_policy: DeadlinePolicy = "drop"
     """``drop``: replies past the deadline are discarded; ``partial``: clients stop training when their
     simulated time reaches the deadline and their partial work is aggregated."""

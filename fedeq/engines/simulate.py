@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fedeq.engines.base import get_engine, resume_refused
-from fedeq.results.recorder import run_dir
+from fedeq.results.recorder import claim_run_dir, run_dir
 
 __all__ = ["quiet_flower_logs", "simulate"]
 
@@ -19,12 +19,26 @@ def quiet_flower_logs(level: int = logging.WARNING) -> None:
     logging.getLogger("flwr").setLevel(level)
 
 
-def simulate(cfg: Any, quiet: bool = False, resume_dir: Path | None = None) -> Path:
-    """Run ``cfg`` on its engine and return the output folder (``resume_dir`` continues a run there)."""
+def simulate(
+    cfg: Any,
+    quiet: bool = False,
+    resume_dir: Path | None = None,
+    overwrite: bool = False,
+    out_dir: Path | None = None,
+) -> Path:
+    """Run ``cfg`` on its engine and return the output folder (``resume_dir`` continues a run there).
+
+    A new run goes to ``out_dir`` (default ``output_dir/run_name``, or a new timestamped folder). It never
+    writes into a folder that holds an earlier run: that is a :class:`~fedeq.config.ConfigError` naming
+    ``run_name``, unless ``overwrite`` (the folder's contents are then removed first).
+    """
     engine = get_engine(cfg.engine)
     if resume_dir is not None and (refusal := resume_refused(cfg.engine)) is not None:
         raise ValueError(refusal)
-    out = Path(resume_dir) if resume_dir is not None else run_dir(cfg.output_dir, cfg.run_name)
+    if resume_dir is not None:
+        out = Path(resume_dir)
+    else:
+        out = claim_run_dir(out_dir or run_dir(cfg.output_dir, cfg.run_name), overwrite=overwrite)
     quiet_flower_logs(logging.ERROR if quiet else logging.WARNING)
     engine.run(cfg, out, quiet=quiet, resume=resume_dir is not None)
     if not (out / "summary.json").exists():

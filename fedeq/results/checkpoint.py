@@ -83,6 +83,16 @@ def load_checkpoint(out_dir: Path, *, truncate: bool = True) -> dict[str, Any]:
     return state
 
 
+def checkpoint_round(out_dir: str | Path) -> int | None:
+    """The round of the last checkpoint in ``out_dir`` (``None`` without a readable one); the journal is
+    not read."""
+    try:
+        with open(Path(out_dir) / CHECKPOINT_FILE, "rb") as fh:
+            return int(pickle.load(fh)["round"])
+    except Exception:  # noqa: BLE001 - missing, unreadable or foreign: no checkpoint to continue from
+        return None
+
+
 class Journal:
     """Append-only storage of lists that only grow during a run, one record per round.
 

@@ -3,19 +3,23 @@
 ``<output_dir>/<run_name>/`` holds ``config.yaml`` (resolved), ``rounds.csv`` (one row per round),
 ``clients.csv`` (one row per client call), ``partitions.csv`` (partition sizes and tiers), ``summary.json``
 and PNG plots. The CSVs are brought up to date after every round (``clients.csv`` by appending the round's
-rows), so an interrupted run keeps what it had; the end of a run rewrites every file whole.
+rows), so an interrupted run keeps what it had; the end of a run rewrites every file whole. A new run never
+writes into a folder that already holds one (:func:`claim_run_dir`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from fedeq.config import ConfigError
 
 ROUND_COLUMNS = (
     "round",
@@ -62,6 +66,39 @@ def run_dir(output_dir: str | Path, run_name: str | None) -> Path:
     path, k = base / stamp, 1
     while path.exists():
         path, k = base / f"{stamp}-{k}", k + 1
+    return path
+
+
+def run_taken(path: str | Path) -> bool:
+    """Whether ``path`` already holds something: a non-empty folder, or a file."""
+    path = Path(path)
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
+def check_new_run(path: str | Path) -> Path:
+    """``path`` if a new run may write there; a :class:`~fedeq.config.ConfigError` naming ``run_name``
+    (with how to continue or replace the run) when it already holds one."""
+    path = Path(path)
+    if run_taken(path):
+        raise ConfigError(
+            "run_name",
+            f"{path} already holds a run (continue it with fedeq simulate --resume {path}, "
+            "or replace it with --overwrite)",
+            f"a run_name not used in {path.parent}, or none (a new timestamped folder)",
+            path.name,
+        )
+    return path
+
+
+def claim_run_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """Create the folder of a new run; an existing run there is refused (:func:`check_new_run`), or with
+    ``overwrite`` removed first."""
+    path = Path(path)
+    if overwrite and path.is_dir():
+        shutil.rmtree(path)
+    elif overwrite and path.exists():
+        path.unlink()
+    check_new_run(path).mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -154,7 +191,7 @@ class RunRecorder:
         if plots and len(rounds):
             from fedeq.results.plots import plot_run
 
-            plot_run(self.out_dir, rounds, self.curve)
+            plot_run(self.out_dir)
 
 
 def _num(v: Any) -> float | None:

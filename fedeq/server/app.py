@@ -23,7 +23,7 @@ from fedeq.devices.assign import assign_tiers
 from fedeq.devices.clock import reply_sim_time
 from fedeq.devices.settings import tier_deq_settings
 from fedeq.models import build_model, num_parameters
-from fedeq.results.recorder import RunRecorder, run_dir
+from fedeq.results.recorder import RunRecorder, check_new_run, run_dir
 from fedeq.server.callbacks import (
     BudgetCurve,
     CentralEvaluation,
@@ -34,6 +34,7 @@ from fedeq.server.callbacks import (
     RoundRecords,
 )
 from fedeq.server.loop import run_rounds
+from fedeq.server.nodes import wait_for_nodes
 from fedeq.server.round_book import RoundBook
 from fedeq.train import resolve_device
 from strategies.guard import ReplyGuard
@@ -54,15 +55,22 @@ def strategy_for(cfg: Any) -> ReplyGuard:
     """
     n = cfg.num_clients
     min_nodes = cfg.strategy.min_available_nodes or n
-    return build_strategy(
+    fraction = cfg.strategy.fraction_evaluate
+    # Without federated evaluation the guard sends no evaluate round; the strategy keeps its own
+    # evaluate settings (Flower warns about fraction_evaluate=0.0 in every constructor call).
+    evaluate: dict[str, Any] = {"fraction_evaluate": fraction, "min_evaluate_nodes": 1}
+    if fraction <= 0:
+        evaluate = {"min_evaluate_nodes": 0}
+    guard = build_strategy(
         cfg.strategy.name,
         dict(cfg.strategy.kwargs),
         fraction_train=cfg.clients_per_round / n,
         min_train_nodes=min(cfg.clients_per_round, min_nodes),
         min_available_nodes=min_nodes,
-        fraction_evaluate=cfg.strategy.fraction_evaluate,
-        min_evaluate_nodes=1 if cfg.strategy.fraction_evaluate > 0 else 0,
+        **evaluate,
     )
+    guard.federated_evaluation = fraction > 0 or bool(cfg.strategy.kwargs.get("fraction_evaluate"))
+    return guard
 
 
 def seed_everything(seed: int) -> None:
@@ -96,7 +104,10 @@ def run_server(
     continues after the last checkpointed round of ``out_dir`` with every state restored.
     """
     seed_everything(cfg.seed)
+    wait_for_nodes(grid, cfg)  # fewer nodes than the config needs: one line, not a wait forever
     out = Path(out_dir) if out_dir is not None else run_dir(cfg.output_dir, cfg.run_name)
+    if not resume:
+        check_new_run(out)  # an earlier run's results are never overwritten (flwr run, deployments too)
     config_yaml = to_yaml(cfg)
     recorder = RunRecorder(out, config_yaml)
     tiers = list(cfg.devices.tiers)
@@ -106,6 +117,8 @@ def run_server(
 
     splits = client_dataset(cfg.data, cfg.seed)
     device = resolve_device(cfg.train.device)
+    if not quiet:
+        console.print(f"building the model: {cfg.model.name}", style="dim", soft_wrap=True, highlight=False)
     model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.model)
     arrays = ArrayRecord(model.state_dict())
     model_bytes = arrays.count_bytes()

@@ -44,7 +44,6 @@ class RoundBook:
         log = self.strategy.round_entries(server_round)
         inner = self.strategy.strategy
         quality = getattr(inner, "last_quality", {})
-        weights = getattr(inner, "last_weights", {})
         rows = []
         for e in log:
             tier_idx = e.get("tier")
@@ -69,7 +68,7 @@ class RoundBook:
                     "tier": tier.name if tier is not None else None,
                     "num_examples": e.get("num-examples"),
                     "quality": quality.get(node) if ok else None,
-                    "weight": weights.get(node) if ok else 0.0,
+                    "weight": e.get("weight") if ok else 0.0,
                     "residual": e.get("fp-residual"),
                     "nfe_fwd": e.get("nfe-fwd"),
                     "nfe_bwd": e.get("nfe-bwd"),

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import math
-import os
-from collections.abc import Iterator
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,8 @@ from fedeq.data import client_dataset, client_partitions, install_partitions
 from fedeq.devices.assign import assign_tiers
 from fedeq.engines.ray.cluster import start_ray
 from fedeq.engines.ray.grid import RayGrid
-from fedeq.engines.ray.pools import pool_sizes
+from fedeq.engines.ray.pools import cpus_needed, plan_grid
+from fedeq.engines.ray.pools import plan_pools as plan_pools  # re-exported: per-tier pool sizes
 from fedeq.server.app import run_server
 
 RUN_ID = 1
@@ -36,25 +37,39 @@ def server_identity(run_id: int = RUN_ID) -> Iterator[None]:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
-def _cpus_needed(cfg: Any, sizes: list[int]) -> float:
-    """Logical CPUs the tiers' actor pools of ``sizes`` ask for together."""
-    return sum(size * float(t.num_cpus) for size, t in zip(sizes, cfg.devices.tiers, strict=True))
+@contextlib.contextmanager
+def caller_sigterm_handler() -> Iterator[None]:
+    """Keep the caller's Python SIGTERM handler across ``ray.init`` (which replaces it with ``sys.exit``), so
+    that SIGTERM stops a run the way its caller arranged (``fedeq simulate``: clean up, exit 143)."""
+    main = threading.current_thread() is threading.main_thread()
+    saved = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(saved):
+            signal.signal(signal.SIGTERM, saved)
 
 
-def plan_pools(cfg: Any) -> tuple[list[int], int]:
-    """Pool size of every tier and the logical CPUs a local cluster needs to hold them all (a whole
-    number, as Ray requires, even when tiers ask for fractions of a CPU)."""
-    cpus = float(cfg.ray.num_cpus or os.cpu_count() or 1)
-    sizes = pool_sizes(cfg.devices.tiers, cpus, cfg.ray.actors_per_tier)
-    return sizes, math.ceil(max(cpus, _cpus_needed(cfg, sizes)) - 1e-9)
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
+def startup_line(quiet: bool) -> Callable[[str], None]:
+    """A function printing one start-up line on standard error (one that prints nothing when ``quiet``)."""
+    if quiet:
+        return lambda text: None
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return lambda text: console.print(text, style="dim", soft_wrap=True, highlight=False)
 
 
 def make_grid(cfg: Any) -> RayGrid:
     """Start (or join) Ray and build the grid of ``cfg``'s devices."""
-    sizes, cpus = plan_pools(cfg)
+    groups, sizes, cpus = plan_grid(cfg)
     start_ray(cfg.ray.address, num_cpus=None if cfg.ray.address else cpus)
     have = float(ray.cluster_resources().get("CPU", 0.0))
-    need = _cpus_needed(cfg, sizes)
+    need = cpus_needed([cfg.devices.tiers[group[0]] for group in groups], sizes)
     if need > have + 1e-9:
         raise ValueError(
             f"ray: the tiers' actor pools {sizes} need {need:g} CPUs but the Ray cluster has {have:g}; "
@@ -66,6 +81,7 @@ def make_grid(cfg: Any) -> RayGrid:
         run_config=to_run_config(cfg),
         call_timeout_s=cfg.ray.call_timeout_s,
         sizes=sizes,
+        groups=groups,
         run_id=RUN_ID,
     )
 
@@ -92,22 +108,33 @@ def run_ray_simulation(cfg: Any, out: Path, quiet: bool = False, resume: bool = 
     """Run ``cfg`` with fedeq's Ray engine; results go to ``out``.
 
     Start-up overlaps its three slow parts: a thread loads and partitions the data while Ray starts, and
-    the actors import torch and the ClientApp while the driver finishes with the data.
+    the actors import torch and the ClientApp while the driver finishes with the data. Unless ``quiet``,
+    one line on standard error says what starts.
     """
     started_here = not ray.is_initialized()
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedeq-data")
+    grid: RayGrid | None = None
+    say = startup_line(quiet)
     try:
-        data = pool.submit(client_data, cfg)
-        grid = make_grid(cfg)
-    finally:
-        pool.shutdown(wait=False)
-    try:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedeq-data")
+        try:
+            say(f"loading data: {cfg.data.name}, {cfg.num_clients} partitions")
+            data = pool.submit(client_data, cfg)
+            _, sizes, cpus = plan_grid(cfg)
+            where = f"Ray ({_count(cpus, 'CPU')})"
+            if cfg.ray.address:
+                where = f"the Ray cluster at {cfg.ray.address}"
+            say(f"starting {where} and {_count(sum(sizes), 'worker')}")
+            with caller_sigterm_handler():
+                grid = make_grid(cfg)
+        finally:
+            pool.shutdown(wait=False)
         grid.warm_up(wait=False)
         share_partitions(grid, cfg, data.result())
-        grid.wait_ready()
+        grid.wait_ready()  # an actor that cannot start stops the run here, with its error
         with server_identity():
             run_server(grid, cfg, out_dir=out, quiet=quiet, resume=resume)
-    finally:
-        grid.shutdown()
+    finally:  # also on Ctrl-C / SIGTERM (raised as KeyboardInterrupt by the caller's handler)
+        if grid is not None:
+            grid.shutdown()
         if started_here:
             ray.shutdown()

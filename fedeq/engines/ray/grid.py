@@ -2,8 +2,10 @@
 
 Each device tier gets its own pool of long-lived Ray actors with the tier's resource request
 (``num_cpus``, ``num_gpus`` share, ``memory``), so a GPU tier and CPU tiers run side by side and a tier's
-clients never take another tier's resources. An actor loads the ClientApp once and keeps what the app caches
-(datasets, partitions, model objects) across calls, so the cost of a call is the client's own work.
+clients never take another tier's resources (on a machine with fewer cores than tiers, tiers that ask for
+the same resources share one pool: :func:`~fedeq.engines.ray.pools.pool_groups`). An actor loads the
+ClientApp once and keeps what the app caches (datasets, partitions, model objects) across calls, so the cost
+of a call is the client's own work.
 
 Messages go to the pool of their node's tier; replies come back in the order of the messages sent, so
 aggregation is deterministic. While a pool has a backlog, each busy actor also holds its next call, so it
@@ -52,7 +54,9 @@ class RayGrid(RunGrid):
         app_ref: ``"module:attribute"`` of the ClientApp.
         call_timeout_s: wall-clock limit of one client call (``None``: no limit).
         actors_per_tier: pool size of every tier (default: derived from the cluster's CPUs).
-        sizes: explicit pool size per tier (overrides ``actors_per_tier``).
+        sizes: explicit pool size per tier (overrides ``actors_per_tier``), or per group with ``groups``.
+        groups: the tier indices each pool serves (default: one pool per tier); tiers that share a pool
+            must ask for the same resources (see :func:`~fedeq.engines.ray.pools.pool_groups`).
         actor_setup: ``(function, args)`` that every actor runs once before its first call (see
             :meth:`set_actor_setup`).
         pipeline: calls sent ahead to a busy actor. With 2 (the default), while a pool has a backlog each
@@ -70,6 +74,7 @@ class RayGrid(RunGrid):
         call_timeout_s: float | None = None,
         actors_per_tier: int | None = None,
         sizes: Sequence[int] | None = None,
+        groups: Sequence[Sequence[int]] | None = None,
         run_id: int = 1,
         actor_setup: tuple[Any, tuple] | None = None,
         pipeline: int = 2,
@@ -86,16 +91,24 @@ class RayGrid(RunGrid):
         self.call_timeout_s = call_timeout_s
         self.pipeline = max(1, int(pipeline))
         self._setup: Any = None
+        if groups is None:
+            groups = [[i] for i in range(len(self.tiers))]
         if sizes is None:
             total_cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
             sizes = pool_sizes(self.tiers, total_cpus, actors_per_tier)
         self.pools = []
-        for tier, size in zip(self.tiers, sizes, strict=True):
+        self.pool_of = [0] * len(self.tiers)
+        """Index in :attr:`pools` of each tier's pool."""
+        for group, size in zip(groups, sizes, strict=True):
+            tier = self.tiers[group[0]]
             options: dict[str, Any] = {"num_cpus": float(tier.num_cpus), "num_gpus": float(tier.num_gpus)}
             memory_mb = getattr(tier, "memory_mb", None)
             if memory_mb:
                 options["memory"] = int(memory_mb * 2**20)
-            self.pools.append(TierPool(tier.name, options, size, max(1, int(math.ceil(tier.num_cpus)))))
+            name = "+".join(self.tier_names[i] for i in group)
+            for i in group:
+                self.pool_of[i] = len(self.pools)
+            self.pools.append(TierPool(name, options, size, max(1, int(math.ceil(tier.num_cpus)))))
         if actor_setup is not None:
             self.set_actor_setup(*actor_setup)
         self.pending: dict[str, Call] = {}
@@ -125,7 +138,7 @@ class RayGrid(RunGrid):
         ids = []
         for msg in messages:
             assign_message_id(msg)
-            pool = self.pools[self.node_tiers[self.partition_of(msg.metadata.dst_node_id)]]
+            pool = self.pools[self.pool_of[self.node_tiers[self.partition_of(msg.metadata.dst_node_id)]]]
             call = Call(msg, pool)
             self.pending[msg.metadata.message_id] = call
             pool.queue.append(call)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
+import os
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import Message
+if TYPE_CHECKING:
+    from flwr.app import Message
 
-__all__ = ["Call", "TierPool", "pool_sizes"]
+__all__ = ["Call", "TierPool", "cpus_needed", "plan_grid", "plan_pools", "pool_groups", "pool_sizes"]
 
 
 @dataclass(eq=False)
@@ -60,3 +63,56 @@ def pool_sizes(tiers: Sequence[Any], total_cpus: float, actors_per_tier: int | N
             share = float(t.share) if t.share else 1.0 / len(tiers)
             sizes.append(max(1, int(total_cpus * share // max(t.num_cpus, 1e-9))))
     return sizes
+
+
+def cpus_needed(tiers: Sequence[Any], sizes: Sequence[int]) -> float:
+    """Logical CPUs the tiers' actor pools of ``sizes`` ask for together."""
+    return sum(size * float(t.num_cpus) for size, t in zip(sizes, tiers, strict=True))
+
+
+def plan_pools(cfg: Any) -> tuple[list[int], int]:
+    """Pool size of every tier and the logical CPUs a local cluster needs to hold them all (a whole
+    number, as Ray requires, even when tiers ask for fractions of a CPU)."""
+    cpus = float(cfg.ray.num_cpus or os.cpu_count() or 1)
+    sizes = pool_sizes(cfg.devices.tiers, cpus, cfg.ray.actors_per_tier)
+    return sizes, math.ceil(max(cpus, cpus_needed(cfg.devices.tiers, sizes)) - 1e-9)
+
+
+def pool_groups(
+    tiers: Sequence[Any], total_cpus: float, actors_per_tier: int | None = None, share: bool = True
+) -> tuple[list[list[int]], list[int]]:
+    """The actor pools: the tiers each one serves and its size.
+
+    One pool per tier (:func:`pool_sizes`), unless those pools need more CPUs than ``total_cpus`` (more
+    tiers than cores: each tier gets at least one actor). Then the CPU tiers that ask for the same
+    resources (``num_cpus``, ``memory_mb``) share one pool, sized by their combined share, so the machine
+    runs as many actors as it has CPUs for instead of more processes than cores. GPU tiers,
+    ``actors_per_tier`` and ``share=False`` keep one pool per tier.
+    """
+    sizes = pool_sizes(tiers, total_cpus, actors_per_tier)
+    singles = [[i] for i in range(len(tiers))]
+    if not share or actors_per_tier is not None or cpus_needed(tiers, sizes) <= total_cpus + 1e-9:
+        return singles, sizes
+    keys: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tiers):
+        same = ("cpu", float(t.num_cpus), getattr(t, "memory_mb", None)) if not t.num_gpus else ("tier", i)
+        keys.setdefault(same, []).append(i)
+    groups = list(keys.values())
+    group_sizes = []
+    for group in groups:
+        if len(group) == 1:
+            group_sizes.append(sizes[group[0]])
+            continue
+        share = sum(float(tiers[i].share) if tiers[i].share else 1.0 / len(tiers) for i in group)
+        group_sizes.append(max(1, int(total_cpus * share // max(float(tiers[group[0]].num_cpus), 1e-9))))
+    return groups, group_sizes
+
+
+def plan_grid(cfg: Any) -> tuple[list[list[int]], list[int], int]:
+    """The pools of ``cfg`` (:func:`pool_groups`: tiers and size of each; tiers share pools only on a
+    local cluster) and the logical CPUs a local cluster needs to hold them all (a whole number)."""
+    tiers = cfg.devices.tiers
+    cpus = float(cfg.ray.num_cpus or os.cpu_count() or 1)
+    groups, sizes = pool_groups(tiers, cpus, cfg.ray.actors_per_tier, share=not cfg.ray.address)
+    need = sum(size * float(tiers[group[0]].num_cpus) for group, size in zip(groups, sizes, strict=True))
+    return groups, sizes, math.ceil(max(cpus, need) - 1e-9)

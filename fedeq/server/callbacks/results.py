@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Result
 
 from fedeq.arrays import record_to_state_dict
+from fedeq.results.plots import plot_run
 from fedeq.results.recorder import RunRecorder
 from fedeq.server.round_book import RoundBook
 
@@ -22,7 +23,10 @@ __all__ = ["ResultsWriter", "RoundRecords"]
 
 class RoundRecords(RoundCallback):
     """Close each round in the :class:`RoundBook`: its ``rounds.csv`` row (with the metrics so far, e.g. the
-    central evaluation's) and its ``clients.csv`` rows. Returns the round's row."""
+    central evaluation's) and its ``clients.csv`` rows. Returns the round's row.
+
+    Round 0 (the initial model) has no client calls: its numbers go to ``summary.json`` as ``initial_eval``,
+    where the plots find them."""
 
     def __init__(self, book: RoundBook) -> None:
         self.book = book
@@ -31,6 +35,8 @@ class RoundRecords(RoundCallback):
         self, server_round: int, arrays: ArrayRecord, metrics: Mapping[str, Any]
     ) -> dict[str, Any] | None:
         if server_round == 0:
+            numbers = {k: v for k, v in metrics.items() if type(v) in (int, float)}
+            self.book.recorder.extra["initial_eval"] = numbers
             self.book.t_last = time.perf_counter()  # round 1's wall time starts after the initial evaluation
             return None
         return self.book.close_round(server_round, dict(metrics))
@@ -38,7 +44,8 @@ class RoundRecords(RoundCallback):
 
 class ResultsWriter(RoundCallback):
     """Bring the output folder up to date after every round (plots only at the end); at the end of the run
-    write ``global_model.pt`` and every file whole, with the run's wall time in ``summary.json``."""
+    write ``global_model.pt`` and every file whole, with the run's wall time in ``summary.json``, then the
+    plots (:func:`fedeq.results.plots.plot_run`, from the files just written)."""
 
     def __init__(self, recorder: RunRecorder, out_dir: Path) -> None:
         self.recorder = recorder
@@ -56,4 +63,5 @@ class ResultsWriter(RoundCallback):
     def on_run_end(self, result: Result) -> None:
         torch.save(record_to_state_dict(result.arrays), self.out_dir / "global_model.pt")
         summary = {"wall_s": time.perf_counter() - self.t0, "output_dir": str(self.out_dir)}
-        self.recorder.write(summary=summary)
+        self.recorder.write(summary=summary, plots=False)
+        plot_run(self.out_dir)
