@@ -45,11 +45,14 @@ def flwr_records() -> Iterator[list[logging.LogRecord]]:
     handler = logging.Handler(logging.DEBUG)
     handler.emit = records.append  # type: ignore[method-assign]
     logger = logging.getLogger("flwr")
+    level = logger.level
+    logger.setLevel(logging.DEBUG)  # whatever an earlier run in this process left
     logger.addHandler(handler)
     try:
         yield records
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def test_offline_devices_are_counted_not_warned(tmp_path: Path, flwr_records, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -168,6 +168,8 @@ def test_only_the_run_simulation_banner_is_dropped():
 
     handler = Keep()
     flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    flwr_logger.setLevel(logging.DEBUG)  # whatever an earlier run in this process left
     flwr_logger.addHandler(handler)
     try:
         with quiet_run_simulation_banner():
@@ -176,6 +178,7 @@ def test_only_the_run_simulation_banner_is_dropped():
         warn_deprecated_feature("The `run_simulation` function is deprecated and will be removed")
     finally:
         flwr_logger.removeHandler(handler)
+        flwr_logger.setLevel(level)
     texts = [record.getMessage() for record in records]
     assert len(texts) == 2
     assert "Something else is deprecated" in texts[0] and "run_simulation" in texts[1]

@@ -141,11 +141,12 @@ def test_sigterm_and_resume_extend_a_run_to_the_numbers_of_a_longer_one(tmp_path
     short, long = tmp_path / "short", tmp_path / "long"
 
     # SIGTERM in round 2: the run stops after round 1's checkpoint, says how to go on, and continues
+    handler = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or what an earlier Ray run in this process left
     SIGNAL_AT.update(round=2, signum=signal.SIGTERM)
     code, out, err = _simulate(capsys, *base, "rounds=2", "run_name=long")
     assert code == 143 and out == ""
     assert err.splitlines()[-1] == f"interrupted after round 1; continue with fedeq simulate --resume {long}"
-    assert checkpoint_round(long) == 1 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert checkpoint_round(long) == 1 and signal.getsignal(signal.SIGTERM) is handler
     code, out, err = _simulate(capsys, "--resume", str(long), "--quiet")
     assert code == 0 and re.search(r"rounds\s+2 of 2", out), err
 

@@ -12,11 +12,15 @@ from fedeq.results.recorder import claim_run_dir, run_dir
 __all__ = ["quiet_flower_logs", "simulate"]
 
 
-def quiet_flower_logs(level: int = logging.WARNING) -> None:
-    """Flower logs every message at INFO; keep the console for fedeq's round lines."""
+def quiet_flower_logs(level: int = logging.WARNING) -> int:
+    """Flower logs every message at INFO; keep the console for fedeq's round lines. Returns the level the
+    ``flwr`` logger had, for the caller to restore."""
     import flwr.common  # noqa: F401 - Flower sets its logger to DEBUG on first import: import it first
 
-    logging.getLogger("flwr").setLevel(level)
+    logger = logging.getLogger("flwr")
+    before = logger.level
+    logger.setLevel(level)
+    return before
 
 
 def simulate(
@@ -39,8 +43,11 @@ def simulate(
         out = Path(resume_dir)
     else:
         out = claim_run_dir(out_dir or run_dir(cfg.output_dir, cfg.run_name), overwrite=overwrite)
-    quiet_flower_logs(logging.ERROR if quiet else logging.WARNING)
-    engine.run(cfg, out, quiet=quiet, resume=resume_dir is not None)
+    before = quiet_flower_logs(logging.ERROR if quiet else logging.WARNING)
+    try:
+        engine.run(cfg, out, quiet=quiet, resume=resume_dir is not None)
+    finally:  # a library call leaves Flower's logger as it found it
+        logging.getLogger("flwr").setLevel(before)
     if not (out / "summary.json").exists():
         raise RuntimeError(f"the simulation ended without results in {out}; see the log above")
     return out
