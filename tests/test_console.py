@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,7 @@ def test_offline_devices_on_the_ray_engine_with_start_up_lines(tmp_path: Path, f
     from fedeq.cli.main import main
 
     assert not ray.is_initialized()
+    sigterm = signal.getsignal(signal.SIGTERM)
     args = ["rounds=1", "eval.budgets=[1]", "ray.num_cpus=1", f"output_dir={tmp_path}", "run_name=r"]
     args += ["devices.tiers.0.availability=0.3", "devices.tiers.1.availability=0.3"]
     assert main(["simulate", QUICK, *args]) == 0
@@ -93,6 +95,8 @@ def test_offline_devices_on_the_ray_engine_with_start_up_lines(tmp_path: Path, f
     assert re.search(r"round +1/1 .* offline [1-4] ", err), err
     assert not [r for r in flwr_records if r.levelno >= logging.WARNING]
     assert "WARNING" not in err and not ray.is_initialized()
+    # the run leaves the process as it found it: SIGTERM handler (ray.init installs its own), Flower's level
+    assert signal.getsignal(signal.SIGTERM) is sigterm and logging.getLogger("flwr").level == logging.DEBUG
 
 
 def test_start_up_lines_go_to_stderr_unless_quiet(capsys) -> None:  # type: ignore[no-untyped-def]

@@ -128,6 +128,14 @@ def test_a_failed_run_exits_1_and_its_folder_is_never_overwritten(tmp_path, caps
     code, _, _ = _simulate(capsys, *base, "run_name=r", "seed=1", "--overwrite")
     assert code == 1 and not (run / "notes.txt").exists()
     assert load_config(saved).seed == 1 and (run / "summary.json").read_bytes() != before["summary.json"]
+    # --overwrite never deletes a folder that is not a fedeq run (a mistyped output_dir / run_name)
+    notes = tmp_path / "notes"
+    (notes / "sub").mkdir(parents=True)
+    (notes / "keep.txt").write_text("important")
+    code, _, err = _simulate(capsys, *base, "run_name=notes", "--overwrite")
+    assert code == 2 and err.startswith(f"fedeq: error: --overwrite: {notes} is not a fedeq run folder"), err
+    assert (notes / "keep.txt").read_text() == "important" and (notes / "sub").is_dir()
+
     code, _, err = _simulate(capsys, "--resume", str(run), "--overwrite")
     assert code == 2 and err.startswith("fedeq: error: --overwrite: cannot be combined with --resume")
 
@@ -271,3 +279,40 @@ def test_ctrl_c_stops_ray_cleanly_and_the_run_resumes(tmp_path, capsys):
     assert (
         re.search(rf"rounds\s+{k + 1} of {k + 1}", out) and load_config(run / "config.yaml").rounds == k + 1
     )
+
+
+STRAY_THREAD = """
+import sys, threading
+import fedeq.cli.main as cli
+threading.Thread(target=threading.Event().wait).start()  # a non-daemon thread blocked for good
+cli.main = lambda argv=None: {code}
+sys.exit(cli.run_command(grace_s=0.2))
+"""
+
+
+@pytest.mark.parametrize("code", [130, 143])
+def test_an_interrupted_command_exits_despite_a_blocked_thread(code: int) -> None:
+    """After a signal, the ``fedeq`` executable exits with its status even when a library left a non-daemon
+    thread blocked (the interpreter would otherwise wait for it forever)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", STRAY_THREAD.format(code=code)], cwd=ROOT, timeout=60, capture_output=True
+    )
+    assert proc.returncode == code, proc.stderr[-2000:]
+
+
+def test_stray_threads_are_the_live_non_daemon_ones() -> None:
+    from fedeq.cli.main import stray_threads
+
+    earlier = set(stray_threads(0.0))  # threads earlier tests in this process left, if any
+    release = threading.Event()
+    blocked = threading.Thread(target=release.wait)
+    done = threading.Thread(target=lambda: None)
+    daemon = threading.Thread(target=release.wait, daemon=True)
+    for t in (blocked, done, daemon):
+        t.start()
+    try:
+        assert [t for t in stray_threads(0.2) if t not in earlier] == [blocked]
+    finally:
+        release.set()
+        blocked.join()
+    assert [t for t in stray_threads(0.2) if t not in earlier] == []

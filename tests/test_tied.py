@@ -142,3 +142,15 @@ def test_mask_study_runs_every_column_with_the_requested_masks(tmp_path, capsys)
     header = "| dense | shared mask | distinct masks | distinct, overlap 0 | distinct, overlap 0.5 |"
     assert out.count(header) == 2 and "test accuracy" in out and "training-set accuracy" in out
     assert out.rstrip().splitlines()[-1].startswith("| 2 | 0.5 |")
+
+
+def test_tied_conv_refuses_the_tied_sparse_mask_keys() -> None:
+    """``model.mask_density`` configures ``tied_sparse``; ``tied_conv`` takes its masks from ``model.kwargs``
+    and refuses the other keys instead of training a dense model."""
+    from fedeq.config import load_config
+
+    cfg = load_config(None, ["model.name=tied_conv", "model.mask_density=0.25"]).model
+    with pytest.raises(ValueError, match=r"model.mask_density=0.25 is not read by tied_conv.*model.kwargs"):
+        build_model("tied_conv", (1, 8, 8), 10, cfg)
+    ok = load_config(None, ["model.name=tied_conv", "model.kwargs.mask_density=0.25"]).model
+    assert build_model("tied_conv", (1, 8, 8), 10, ok) is not None

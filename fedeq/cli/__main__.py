@@ -1,5 +1,5 @@
 """``python -m fedeq.cli``: the ``fedeq`` command."""
 
-from fedeq.cli.main import main
+from fedeq.cli.main import run_command
 
-raise SystemExit(main())
+raise SystemExit(run_command())

@@ -12,7 +12,11 @@ This module builds the parser from the subcommands' modules (:mod:`fedeq.cli.sim
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 
 from fedeq.cli.config_args import check_runnable, split_config_args
@@ -20,7 +24,15 @@ from fedeq.cli.config_show import add_config_parser, cmd_config
 from fedeq.cli.deploy import add_deploy_parser, cmd_deploy
 from fedeq.cli.simulate import add_simulate_parser, cmd_simulate
 
-__all__ = ["build_parser", "check_runnable", "main", "parse_args", "split_config_args"]
+__all__ = [
+    "build_parser",
+    "check_runnable",
+    "main",
+    "parse_args",
+    "run_command",
+    "split_config_args",
+    "stray_threads",
+]
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "simulate": cmd_simulate,
@@ -64,5 +76,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     return command(ns) if command is not None else 2
 
 
+INTERRUPTED = (128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGHUP)
+"""Exit statuses of a command stopped by a signal."""
+
+
+def stray_threads(grace_s: float) -> list[threading.Thread]:
+    """Non-daemon threads other than the main one that are still alive after waiting up to ``grace_s``
+    seconds for them (the interpreter would wait for them forever at exit)."""
+    stray = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    deadline = time.monotonic() + grace_s
+    for thread in stray:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [t for t in stray if t.is_alive()]
+
+
+def run_command(argv: Sequence[str] | None = None, grace_s: float = 5.0) -> int:
+    """The ``fedeq`` executable: :func:`main`, and after a signal stopped it (its clean-up done, its line
+    printed), an exit that does not wait on a thread a library left blocked (a runtime's polling loop)."""
+    code = main(argv)
+    if code in INTERRUPTED and stray_threads(grace_s):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command())

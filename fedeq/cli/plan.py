@@ -106,7 +106,7 @@ def plan_text(cfg: Any, out: Path | None = None) -> str:
     sizes = partition_sizes(cfg.data, cfg.num_clients, cfg.seed)
     model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.model)
     nbytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
-    evaluate = cfg.strategy.fraction_evaluate
+    evaluate = cfg.strategy.fraction_evaluate or float(cfg.strategy.kwargs.get("fraction_evaluate") or 0)
     engine_line, resources = engine_plan(cfg)
     lines = [
         "dry run: the config is valid; nothing was started or written",

@@ -67,7 +67,7 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
     Exit status: 0 done; 1 no client update was accepted in any round; 2 a bad config or argument (before
     any work); 128 + the signal number when stopped by SIGINT (130) or SIGTERM (143), after cleaning up.
     """
-    from fedeq.results.recorder import check_new_run, run_dir
+    from fedeq.results.recorder import check_new_run, check_replaceable, run_dir
 
     resume = Path(ns.resume) if ns.resume else None
     try:
@@ -80,7 +80,9 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
             path, overrides = split_config_args(ns.args)
             cfg = load_config(path, overrides)
             out = run_dir(cfg.output_dir, cfg.run_name)
-            if not ns.overwrite:
+            if ns.overwrite:
+                check_replaceable(out)  # --overwrite clears a run folder, never anything else
+            else:
                 check_new_run(out)
         check_runnable(cfg)
     except (ConfigError, ValueError) as err:

@@ -66,7 +66,14 @@ def run_flower_simulation(cfg: Any, out: Path, quiet: bool = False) -> None:
                 num_supernodes=cfg.num_clients,
                 backend_config=backend_config,
             )
-        finally:  # on Ctrl-C / SIGTERM the ServerApp's thread stops waiting for replies that will not come
+        except BaseException:  # Ctrl-C / SIGTERM: the ServerApp's thread stops waiting for replies that
+            stop.set()  # will not come, and Flower's Ray backend goes down with the run
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+            raise
+        finally:
             stop.set()
 
 

@@ -15,10 +15,10 @@ __all__ = ["quiet_flower_logs", "simulate"]
 def quiet_flower_logs(level: int = logging.WARNING) -> int:
     """Flower logs every message at INFO; keep the console for fedeq's round lines. Returns the level the
     ``flwr`` logger had, for the caller to restore."""
-    import flwr.common  # noqa: F401 - Flower sets its logger to DEBUG on first import: import it first
-
     logger = logging.getLogger("flwr")
     before = logger.level
+    import flwr.common  # noqa: F401 - Flower sets its logger to DEBUG on first import: import it first
+
     logger.setLevel(level)
     return before
 

@@ -110,7 +110,14 @@ def build_tied_conv(
 ) -> nn.Module:
     """Registry factory for ``tied_conv``: ``channels``/``depth`` from ``model.kwargs`` or else ``cfg``; the
     masks from ``model.kwargs``; ``stride`` 2 for inputs of side ≥ 16 unless given. A bad option raises
-    ``ValueError`` naming ``model.kwargs.<key>``."""
+    ``ValueError`` naming ``model.kwargs.<key>``; so does a ``model.mask_*`` key set away from its default
+    (those belong to ``tied_sparse``; ignoring them would silently train a dense model)."""
+    fields = getattr(type(cfg), "model_fields", {})
+    for key in ("mask_density", "mask_pattern", "mask_seed"):
+        if key in fields and getattr(cfg, key) != fields[key].default:
+            raise ValueError(
+                f"model.{key}={getattr(cfg, key)} is not read by tied_conv; give it as model.kwargs.{key}"
+            )
     try:
         return TiedConv(
             int(input_shape[0]),

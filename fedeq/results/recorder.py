@@ -90,14 +90,27 @@ def check_new_run(path: str | Path) -> Path:
     return path
 
 
+def check_replaceable(path: str | Path) -> Path:
+    """``path`` if ``--overwrite`` may clear it: it does not exist, is empty, or holds a fedeq run (its
+    ``config.yaml``); anything else is a :class:`~fedeq.config.ConfigError` naming ``--overwrite``, so that
+    a mistyped ``output_dir``/``run_name`` never deletes a folder that is not a run."""
+    path = Path(path)
+    if run_taken(path) and not (path / "config.yaml").is_file():
+        raise ConfigError(
+            "--overwrite",
+            f"{path} is not a fedeq run folder (no config.yaml), so it is not replaced",
+            "an output_dir/run_name that holds a fedeq run, is empty or does not exist",
+            str(path),
+        )
+    return path
+
+
 def claim_run_dir(path: str | Path, overwrite: bool = False) -> Path:
     """Create the folder of a new run; an existing run there is refused (:func:`check_new_run`), or with
-    ``overwrite`` removed first."""
+    ``overwrite`` removed first (only a fedeq run: :func:`check_replaceable`)."""
     path = Path(path)
-    if overwrite and path.is_dir():
+    if overwrite and check_replaceable(path).is_dir():
         shutil.rmtree(path)
-    elif overwrite and path.exists():
-        path.unlink()
     check_new_run(path).mkdir(parents=True, exist_ok=True)
     return path
 

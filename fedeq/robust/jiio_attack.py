@@ -62,7 +62,9 @@ def jiio_attack_state(
     """The attack (module docstring) and the joint state ``(z, λ, x')`` it ended at (``None`` when ε = 0).
 
     ``λ`` is the adjoint of ``-Σ_i CE_i`` at the returned state: ``-λ/B`` approximates the adjoint of the
-    batch-mean cross-entropy that adversarial training differentiates.
+    batch-mean cross-entropy that adversarial training differentiates. The loss in the returned
+    :class:`AttackResult` is the one of the last evaluated state, one joint update before the returned input
+    (no extra evaluation is spent on it); evaluate ``x_adv`` for its exact loss.
     """
     opts = dict(cfg.options)
     unknown = sorted(set(opts) - set(JIIO_OPTIONS))

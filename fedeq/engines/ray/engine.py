@@ -46,7 +46,7 @@ def caller_sigterm_handler() -> Iterator[None]:
     try:
         yield
     finally:
-        if callable(saved):
+        if saved is not None:  # a Python handler, SIG_DFL or SIG_IGN
             signal.signal(signal.SIGTERM, saved)
 
 
