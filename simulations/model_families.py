@@ -63,19 +63,17 @@ def model_bytes(model: nn.Module) -> int:
     return int(ArrayRecord(model.state_dict()).count_bytes())
 
 
-def run_central(
-    name: str,
+def train_epochs(
+    model: nn.Module,
     data: DatasetSplits,
     seed: int,
     epochs: int,
     lr: float,
     batch_size: int,
     deq: dict[str, Any],
-    **cfg: Any,
-) -> dict[str, Any]:
-    """Train ``name`` centrally and evaluate it (same DEQ settings for training and evaluation)."""
-    torch.manual_seed(seed)
-    model = build_model(name, data.input_shape, data.num_classes, ModelConfig(**cfg), **deq)
+) -> float:
+    """Train ``model`` on ``data``'s training split one epoch at a time (epoch ``e`` shuffled with seed
+    ``1000·seed + e``); returns the training compute seconds."""
     compute = 0.0
     for epoch in range(epochs):
         st = train_local(
@@ -89,6 +87,23 @@ def run_central(
             deq=deq,
         )
         compute += st.compute_s
+    return compute
+
+
+def run_central(
+    name: str,
+    data: DatasetSplits,
+    seed: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    deq: dict[str, Any],
+    **cfg: Any,
+) -> dict[str, Any]:
+    """Train ``name`` centrally and evaluate it (same DEQ settings for training and evaluation)."""
+    torch.manual_seed(seed)
+    model = build_model(name, data.input_shape, data.num_classes, ModelConfig(**cfg), **deq)
+    compute = train_epochs(model, data, seed, epochs, lr, batch_size, deq)
     ev = evaluate(model, data.x_test, data.y_test, **deq)
     step_ms, eval_ms = time_steps(model, data, batch_size, deq)
     return {
@@ -324,17 +339,7 @@ def cmd_mondeq(ns: argparse.Namespace) -> None:
                     )
                     model.splitting = splitting
                     t0 = time.perf_counter()
-                    for epoch in range(epochs):
-                        train_local(
-                            model,
-                            data.x_train,
-                            data.y_train,
-                            epochs=1,
-                            lr=tr["lr"],
-                            batch_size=tr["batch_size"],
-                            seed=seed * 1000 + epoch,
-                            deq=deq,
-                        )
+                    train_epochs(model, data, seed, epochs, tr["lr"], tr["batch_size"], deq)
                     ev = evaluate(model, data.x_test, data.y_test, **deq)
                     with torch.no_grad():
                         fwd = model(x_test, **deq).deq.forward

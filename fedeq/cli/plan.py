@@ -101,12 +101,13 @@ def plan_text(cfg: Any, out: Path | None = None) -> str:
     """The plan of ``cfg`` (a validated config) as text; ``out`` is the folder the run would write."""
     from fedeq.data import client_dataset, partition_sizes
     from fedeq.models import build_model, num_parameters
+    from fedeq.server.app import evaluate_fraction
 
     splits = client_dataset(cfg.data, cfg.seed)
     sizes = partition_sizes(cfg.data, cfg.num_clients, cfg.seed)
     model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.model)
     nbytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
-    evaluate = cfg.strategy.fraction_evaluate or float(cfg.strategy.kwargs.get("fraction_evaluate") or 0)
+    evaluate = evaluate_fraction(cfg)
     engine_line, resources = engine_plan(cfg)
     lines = [
         "dry run: the config is valid; nothing was started or written",

@@ -55,10 +55,33 @@ class MaskedLayers(nn.Module):
     """The persistent mask scalars of a weight-tied model and the per-layer masks they rebuild.
 
     Subclasses call :meth:`_init_masks` with the shape of the masked weight and read ``self.masks``
-    (``depth × shape``, already scaled by ``1/√p``) and ``self._dense``.
+    (``depth × shape``, already scaled by ``1/√p``) and ``self._dense``. They define the injection
+    ``u = _inject(x)``, the start ``z₀ = _start(u)``, the layer ``z_{l+1} = _layer(l, z_l, u)`` and ``head``;
+    :meth:`forward` unrolls them under the call's budgets.
     """
 
     depth: int
+    settings: DEQSettings
+    head: nn.Module
+
+    def _inject(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _start(self, u: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _layer(self, layer: int, z: Tensor, u: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, **deq_overrides: Any) -> ModelOutput:
+        """Logits after ``min(depth, f_max_iter)`` layers, back-propagated through the last ``b_max_iter``."""
+        s = self.settings.override(**deq_overrides) if deq_overrides else self.settings
+        u = self._inject(x)
+        layers, n_bwd = layer_budget(self.depth, s)
+        z, prev = unroll(self._layer, self._start, u, layers, n_bwd)
+        stats = unrolled_stats(z, prev, layers, s)
+        bstats = BackwardStats(mode="unrolled", ready=True, nfe=n_bwd) if torch.is_grad_enabled() else None
+        return ModelOutput(self.head(z), DEQOutput(z, stats, bstats, s, graph_evals=0))
 
     def _init_masks(self, shape: tuple[int, ...], spec: MaskSpec) -> None:
         spec.validate()
@@ -189,18 +212,15 @@ class TiedMLP(MaskedLayers):
         self.head = nn.Linear(hidden, num_classes)
         self._init_masks((hidden, hidden), spec)
 
+    def _inject(self, x: Tensor) -> Tensor:
+        return self.inject(x.flatten(1))
+
+    def _start(self, u: Tensor) -> Tensor:
+        return torch.tanh(u)
+
     def _layer(self, layer: int, z: Tensor, u: Tensor) -> Tensor:
         w = self.weight if self._dense else self.weight * self.masks[layer].to(self.weight.dtype)
         return torch.tanh(torch.addmm(u, z, w.T))
-
-    def forward(self, x: Tensor, **deq_overrides: Any) -> ModelOutput:
-        s = self.settings.override(**deq_overrides) if deq_overrides else self.settings
-        u = self.inject(x.flatten(1))
-        layers, n_bwd = layer_budget(self.depth, s)
-        z, prev = unroll(self._layer, torch.tanh, u, layers, n_bwd)
-        stats = unrolled_stats(z, prev, layers, s)
-        bstats = BackwardStats(mode="unrolled", ready=True, nfe=n_bwd) if torch.is_grad_enabled() else None
-        return ModelOutput(self.head(z), DEQOutput(z, stats, bstats, s, graph_evals=0))
 
 
 @MODELS.register("tied")

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedeq.deq import BackwardStats, DEQOutput, DEQSettings
-from fedeq.models.base import ModelOutput, config_value
+from fedeq.deq import DEQSettings
+from fedeq.models.base import config_value
 from fedeq.models.masks import MaskSpec
-from fedeq.models.tied import MaskedLayers, layer_budget, unroll, unrolled_stats
+from fedeq.models.tied import MaskedLayers
 from fedeq.registry import MODELS
 
 Tensor = torch.Tensor
@@ -81,18 +81,15 @@ class TiedConv(MaskedLayers):
         )
         self._init_masks(tuple(self.kernel.shape), spec)
 
+    def _inject(self, x: Tensor) -> Tensor:
+        return self.stem(x)
+
+    def _start(self, u: Tensor) -> Tensor:
+        return F.relu(u)
+
     def _layer(self, layer: int, z: Tensor, u: Tensor) -> Tensor:
         k = self.kernel if self._dense else self.kernel * self.masks[layer].to(self.kernel.dtype)
         return F.relu(self.norm(F.conv2d(z, k, padding=k.shape[-1] // 2)) + u)
-
-    def forward(self, x: Tensor, **deq_overrides: Any) -> ModelOutput:
-        s = self.settings.override(**deq_overrides) if deq_overrides else self.settings
-        u = self.stem(x)
-        layers, n_bwd = layer_budget(self.depth, s)
-        z, prev = unroll(self._layer, F.relu, u, layers, n_bwd)
-        stats = unrolled_stats(z, prev, layers, s)
-        bstats = BackwardStats(mode="unrolled", ready=True, nfe=n_bwd) if torch.is_grad_enabled() else None
-        return ModelOutput(self.head(z), DEQOutput(z, stats, bstats, s, graph_evals=0))
 
 
 @MODELS.register("tied_conv")

@@ -69,8 +69,14 @@ def strategy_for(cfg: Any) -> ReplyGuard:
         min_available_nodes=min_nodes,
         **evaluate,
     )
-    guard.federated_evaluation = fraction > 0 or bool(cfg.strategy.kwargs.get("fraction_evaluate"))
+    guard.federated_evaluation = evaluate_fraction(cfg) > 0
     return guard
+
+
+def evaluate_fraction(cfg: Any) -> float:
+    """Share of the clients that evaluate the global model each round: ``strategy.fraction_evaluate``, or
+    the strategy's own ``fraction_evaluate`` given in ``strategy.kwargs`` (0: no federated evaluation)."""
+    return cfg.strategy.fraction_evaluate or float(cfg.strategy.kwargs.get("fraction_evaluate") or 0)
 
 
 def seed_everything(seed: int) -> None:

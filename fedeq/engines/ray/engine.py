@@ -64,9 +64,10 @@ def startup_line(quiet: bool) -> Callable[[str], None]:
     return lambda text: console.print(text, style="dim", soft_wrap=True, highlight=False)
 
 
-def make_grid(cfg: Any) -> RayGrid:
-    """Start (or join) Ray and build the grid of ``cfg``'s devices."""
-    groups, sizes, cpus = plan_grid(cfg)
+def make_grid(cfg: Any, plan: tuple[list[list[int]], list[int], int] | None = None) -> RayGrid:
+    """Start (or join) Ray and build the grid of ``cfg``'s devices (``plan``: :func:`plan_grid` of ``cfg``,
+    when the caller has it already)."""
+    groups, sizes, cpus = plan or plan_grid(cfg)
     start_ray(cfg.ray.address, num_cpus=None if cfg.ray.address else cpus)
     have = float(ray.cluster_resources().get("CPU", 0.0))
     need = cpus_needed([cfg.devices.tiers[group[0]] for group in groups], sizes)
@@ -119,13 +120,14 @@ def run_ray_simulation(cfg: Any, out: Path, quiet: bool = False, resume: bool = 
         try:
             say(f"loading data: {cfg.data.name}, {cfg.num_clients} partitions")
             data = pool.submit(client_data, cfg)
-            _, sizes, cpus = plan_grid(cfg)
+            plan = plan_grid(cfg)
+            _, sizes, cpus = plan
             where = f"Ray ({_count(cpus, 'CPU')})"
             if cfg.ray.address:
                 where = f"the Ray cluster at {cfg.ray.address}"
             say(f"starting {where} and {_count(sum(sizes), 'worker')}")
             with caller_sigterm_handler():
-                grid = make_grid(cfg)
+                grid = make_grid(cfg, plan)
         finally:
             pool.shutdown(wait=False)
         grid.warm_up(wait=False)

@@ -60,9 +60,18 @@ def pool_sizes(tiers: Sequence[Any], total_cpus: float, actors_per_tier: int | N
         elif t.num_gpus > 0:
             sizes.append(max(1, int(round(1.0 / t.num_gpus))))
         else:
-            share = float(t.share) if t.share else 1.0 / len(tiers)
-            sizes.append(max(1, int(total_cpus * share // max(t.num_cpus, 1e-9))))
+            sizes.append(cpu_pool_size(total_cpus, tier_share(t, len(tiers)), t.num_cpus))
     return sizes
+
+
+def tier_share(tier: Any, num_tiers: int) -> float:
+    """The tier's share of the clients (an even split when it has none: a tier given by ``ids``)."""
+    return float(tier.share) if tier.share else 1.0 / num_tiers
+
+
+def cpu_pool_size(total_cpus: float, share: float, num_cpus: float) -> int:
+    """Actors of ``num_cpus`` each in ``share`` of ``total_cpus`` (at least one)."""
+    return max(1, int(total_cpus * share // max(float(num_cpus), 1e-9)))
 
 
 def cpus_needed(tiers: Sequence[Any], sizes: Sequence[int]) -> float:
@@ -103,8 +112,8 @@ def pool_groups(
         if len(group) == 1:
             group_sizes.append(sizes[group[0]])
             continue
-        share = sum(float(tiers[i].share) if tiers[i].share else 1.0 / len(tiers) for i in group)
-        group_sizes.append(max(1, int(total_cpus * share // max(float(tiers[group[0]].num_cpus), 1e-9))))
+        group_share = sum(tier_share(tiers[i], len(tiers)) for i in group)
+        group_sizes.append(cpu_pool_size(total_cpus, group_share, tiers[group[0]].num_cpus))
     return groups, group_sizes
 
 
@@ -114,5 +123,5 @@ def plan_grid(cfg: Any) -> tuple[list[list[int]], list[int], int]:
     tiers = cfg.devices.tiers
     cpus = float(cfg.ray.num_cpus or os.cpu_count() or 1)
     groups, sizes = pool_groups(tiers, cpus, cfg.ray.actors_per_tier, share=not cfg.ray.address)
-    need = sum(size * float(tiers[group[0]].num_cpus) for group, size in zip(groups, sizes, strict=True))
+    need = cpus_needed([tiers[group[0]] for group in groups], sizes)
     return groups, sizes, math.ceil(max(cpus, need) - 1e-9)
