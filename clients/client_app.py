@@ -11,18 +11,21 @@ Train replies carry ``arrays`` and a ``metrics`` record whose keys are the same 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
 from fedeq.arrays import record_from_state_dict, record_to_state_dict
 from fedeq.data import load_client_data
-from fedeq.train import evaluate, move_to, train_local
+from fedeq.train import EvalStats, TrainStats, evaluate, move_to, train_local
 
 from .mods import SIM_BUDGET_KEY, TRAIN_MODS
-from .run_setup import TRAIN_SEED, call_of
+from .run_setup import TRAIN_SEED, ClientCall, call_of
 
-__all__ = ["TRAIN_METRIC_KEYS", "app", "evaluate_handler", "train"]
+__all__ = ["TRAIN_METRIC_KEYS", "app", "evaluate_handler", "proximal_mu", "train", "train_reply"]
 
 TRAIN_METRIC_KEYS = (
     "num-examples",
@@ -37,6 +40,7 @@ TRAIN_METRIC_KEYS = (
     "val-loss",
     "val-acc",
     "samples",
+    "local-steps",
     "partition-id",
 )
 
@@ -54,20 +58,18 @@ def train(message: Message, context: Context) -> Message:
     through the tier's DEQ settings, when ``train.adversarial`` or ``train.intermediate_states`` is set)."""
     call = call_of(message, context)
     setup, cfg, tier = call.setup, call.cfg, call.tier
-    config = message.content.config_records.get("config", {})
     data = load_client_data(cfg.data, call.partition_id, call.num_partitions, cfg.seed)
     model = setup.model
     _load_arrays(model, message)
     deq = setup.deq[call.tier_index]
-    mu = float(config.get("proximal-mu", cfg.train.proximal_mu))
-    sim_budget = config.get(SIM_BUDGET_KEY)
+    sim_budget = message.content.config_records.get("config", {}).get(SIM_BUDGET_KEY)
     stats = train_local(
         model,
         data.x_train,
         data.y_train,
         **setup.train,
         deq=deq,
-        proximal_mu=mu,
+        proximal_mu=proximal_mu(call, message),
         seed=call.seed(TRAIN_SEED),
         device=setup.device,
         adversarial=setup.adversarial,
@@ -76,22 +78,37 @@ def train(message: Message, context: Context) -> Message:
     )
     val = evaluate(model, data.x_val, data.y_val, device=setup.device, **deq)
     move_to(model, "cpu")
+    return train_reply(message, call, model.state_dict(), stats, val)
+
+
+def proximal_mu(call: ClientCall, message: Message) -> float:
+    """FedProx's ``μ`` of this call: the strategy's ``proximal-mu`` in the message, else the config's."""
+    config = message.content.config_records.get("config", {})
+    return float(config.get("proximal-mu", call.cfg.train.proximal_mu))
+
+
+def train_reply(
+    message: Message, call: ClientCall, state: Mapping[str, Any], stats: TrainStats, val: EvalStats
+) -> Message:
+    """The reply to a train ``message``: the trained weights ``state`` and the metrics of
+    :data:`TRAIN_METRIC_KEYS` (the same for a client trained alone or in a cohort)."""
     metrics = {
         "num-examples": stats.num_examples,
         "train-loss": stats.loss,
         "fp-residual": stats.fp_residual,
         "nfe-fwd": stats.nfe_fwd,
         "nfe-bwd": stats.nfe_bwd,
-        "budget": int(tier.f_max_iter),
+        "budget": int(call.tier.f_max_iter),
         "tier": call.tier_index,
         "compute-s": stats.compute_s,
         "compute-cpu-s": stats.compute_cpu_s,
         "val-loss": val.loss if val.num_examples else stats.loss,
         "val-acc": val.accuracy if val.num_examples else 0.0,
         "samples": stats.samples_processed,
+        "local-steps": stats.steps,
         "partition-id": call.partition_id,
     }
-    arrays = record_from_state_dict(model.state_dict())
+    arrays = record_from_state_dict(state)
     return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=message)
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "availability_mod",
     "fault_mod",
     "is_online",
+    "offline_reply",
     "partial_deadline_mod",
     "partial_work_budget",
 ]
@@ -52,13 +53,18 @@ def availability_mod(message: Message, context: Context, call_next: ClientAppCal
     """Answer ``NODE_UNAVAILABLE`` without any work when the device is offline this round."""
     call = call_of(message, context)
     if not is_online(call):
-        tier = call.tier
-        reason = (
-            f"offline: partition {call.partition_id} ({tier.name}, availability {tier.availability:g}) "
-            "not reachable"
-        )
-        return Message(Error(ErrorCode.NODE_UNAVAILABLE, reason), reply_to=message)
+        return offline_reply(call, message)
     return call_next(message, context)
+
+
+def offline_reply(call: ClientCall, message: Message) -> Message:
+    """The ``NODE_UNAVAILABLE`` reply of a device that is offline this round."""
+    tier = call.tier
+    reason = (
+        f"offline: partition {call.partition_id} ({tier.name}, availability {tier.availability:g}) "
+        "not reachable"
+    )
+    return Message(Error(ErrorCode.NODE_UNAVAILABLE, reason), reply_to=message)
 
 
 def fault_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -1,7 +1,8 @@
-"""Server-side strategies for fedeq: the reply guard (a wrapper), quality-weighted FedAvg, quality
-functions and the strategy registry."""
+"""Server-side strategies for fedeq: the reply guard (a wrapper), quality-weighted FedAvg, FedNova-style
+normalised averaging, quality functions and the strategy registry."""
 
 from .aggregate import tier_metrics, weighted_average
+from .fednova import FedNova
 from .guard import ReplyCheck, ReplyGuard
 from .quality import QualityContext, QualityFn, QualityFunction, quality_function, register_quality
 from .quality_weighted import QualityWeightedFedAvg
@@ -17,6 +18,7 @@ from .weights import ReportsWeights
 
 __all__ = [
     "GUARD_PARAMETERS",
+    "FedNova",
     "STRATEGIES",
     "QualityContext",
     "QualityFn",

@@ -8,24 +8,31 @@ function (:mod:`strategies.quality`).  The new global model is
 accumulated in float64 and cast back to each array's dtype.  If every ``q_i`` is zero or not
 finite the weights fall back to ``w_i = n_i`` (plain FedAvg).  Reply validation is not done here: the
 server wraps this strategy in :class:`strategies.guard.ReplyGuard` like any other.
+
+The :class:`~strategies.quality.QualityContext` holds the round's metrics; what the quality function
+declares in ``needs`` is added: the round's global arrays (kept from ``configure_train``) and each reply's
+arrays, the flattened updates Δ_j = θ_j − θ, and :attr:`QualityWeightedFedAvg.server_evaluate`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedeq.registry import QUALITY
 
 from .aggregate import tier_metrics, weighted_average
-from .quality import QualityContext, QualityFunction
+from .quality import QualityContext, QualityFunction, ServerEvaluate
+from .updates import flat_update
 from .validation import records_of
 
 __all__ = ["QualityWeightedFedAvg"]
@@ -46,7 +53,9 @@ class QualityWeightedFedAvg(FedAvg):
     The aggregated train MetricRecord holds FedAvg's n-weighted means, per-tier means
     (``tier<k>/<metric>``, ``tier<k>/num-clients``, ...), ``quality-mean`` (mean q_i) and
     ``quality-fallback`` (1 if the n_i fallback was used).  ``last_weights`` maps node id to the
-    normalised weight w_i / Σ w_j of the latest round, ``last_quality`` to q_i.
+    normalised weight w_i / Σ w_j of the latest round, ``last_quality`` to q_i. ``server_evaluate``
+    (set by the server when the function needs ``evaluate``) returns a model's loss on the server's
+    validation split.
     """
 
     def __init__(self, quality: str = "residual", temperature: float = 1.0, **fedavg_kwargs: Any) -> None:
@@ -63,11 +72,26 @@ class QualityWeightedFedAvg(FedAvg):
         self.scorer: QualityFunction = QUALITY.get(quality)
         self.last_weights: dict[int, float] = {}
         self.last_quality: dict[int, float] = {}
+        self.server_evaluate: ServerEvaluate | None = None
+        self.round_arrays: ArrayRecord | None = None
 
     @property
     def required_metrics(self) -> tuple[str, ...]:
         """The metric keys the quality function reads (the reply guard rejects replies without them)."""
         return self.scorer.requires
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """What the quality function reads beyond the metrics (``arrays``, ``updates``, ``evaluate``)."""
+        return self.scorer.needs
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's round configuration; the global arrays are kept when the quality function needs them."""
+        if {"arrays", "updates"} & set(self.needs):
+            self.round_arrays = arrays
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregation_weights(self, server_round: int, replies: Sequence[Message]) -> Mapping[int, float]:
         """The weights of the latest aggregation (the reply guard's hook for ``clients.csv``)."""
@@ -89,15 +113,43 @@ class QualityWeightedFedAvg(FedAvg):
             return 0.0
         return q
 
+    def context(
+        self, server_round: int, replies: Sequence[Message], metrics: Sequence[Mapping[str, Any]]
+    ) -> QualityContext:
+        """The round's :class:`QualityContext`, with only what the quality function ``needs``.
+
+        Raises ``RuntimeError`` when the function needs the global arrays and no ``configure_train``
+        kept them, or needs ``evaluate`` and the server set no :attr:`server_evaluate`.
+        """
+        needs = set(self.needs)
+        extra: dict[str, Any] = {}
+        if needs & {"arrays", "updates"}:
+            if self.round_arrays is None:
+                raise RuntimeError(f"quality {self.quality!r} needs the global arrays (configure_train)")
+            arrays = tuple(records_of(m.content, ArrayRecord)[0] for m in replies)
+            extra.update(global_arrays=self.round_arrays, reply_arrays=arrays)
+            if "updates" in needs:
+                extra["updates"] = tuple(flat_update(a, self.round_arrays) for a in arrays)
+        if "evaluate" in needs:
+            if self.server_evaluate is None:
+                raise RuntimeError(
+                    f"quality {self.quality!r} needs a server validation split (data.server_val_fraction > 0)"
+                )
+            extra["evaluate"] = self.server_evaluate
+        return QualityContext(server_round, self.temperature, tuple(metrics), **extra)
+
     def quality_weights(
         self, server_round: int, replies: Sequence[Message]
     ) -> tuple[np.ndarray, np.ndarray, bool]:
         """Return ``(w, q, fallback)`` with w_i = n_i q_i, or w_i = n_i if Σ n_i q_i is not > 0."""
         metrics = [dict(records_of(m.content, MetricRecord)[0]) for m in replies]
-        ctx = QualityContext(server_round, self.temperature, tuple(metrics))
+        ctx = self.context(server_round, replies, metrics)
         n = np.array([float(m[self.weighted_by_key]) for m in metrics])
         q = np.array(
-            [self._score(m, ctx, int(r.metadata.src_node_id)) for m, r in zip(metrics, replies, strict=True)]
+            [
+                self._score(m, replace(ctx, index=i), int(r.metadata.src_node_id))
+                for i, (m, r) in enumerate(zip(metrics, replies, strict=True))
+            ]
         )
         w = n * q
         total = float(w.sum())
@@ -128,4 +180,5 @@ class QualityWeightedFedAvg(FedAvg):
             metrics[key] = value
         metrics["quality-mean"] = float(q.mean())
         metrics["quality-fallback"] = int(fallback)
+        self.round_arrays = None  # not kept in checkpoints
         return arrays, metrics

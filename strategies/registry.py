@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from .fednova import FedNova
 from .guard import ReplyGuard
 from .quality_weighted import QualityWeightedFedAvg
 
@@ -39,6 +40,7 @@ STRATEGIES: dict[str, type] = {
     "fedavg": FedAvg,
     "quality": QualityWeightedFedAvg,
     "fedprox": FedProx,
+    "fednova": FedNova,
     "fedadam": FedAdam,
     "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad,

@@ -77,6 +77,7 @@ def client_metrics(**overrides: int | float) -> dict[str, int | float]:
         "compute-s": 0.5,
         "compute-cpu-s": 0.5,
         "val-loss": 1.2,
+        "local-steps": 3,
     }
     for key, value in overrides.items():
         metrics[key.replace("_", "-")] = value

@@ -150,6 +150,7 @@ EXAMPLES = {1: 10, 2: 30, 3: 20, 4: 40}
 LOSS = {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0}
 RESIDUAL = {1: 0.1, 2: 0.5, 3: 1.2, 4: 0.3}
 BUDGET = {1: 2.0, 2: 6.0, 3: 12.0, 4: 30.0}
+STEPS = {1: 1, 2: 3, 3: 2, 4: 4}
 VALUE = {1: 0.0, 2: 0.1, 3: 0.25, 4: 5.0}  # node 2 is Krum's choice, then node 1; node 4 an outlier
 BAD = 5  # replies with NaN arrays: rejected
 
@@ -164,6 +165,7 @@ def _client(node: int):  # type: ignore[no-untyped-def]
             train_loss=LOSS.get(node, 1.0),
             fp_residual=RESIDUAL.get(node, 0.1),
             budget=BUDGET.get(node, 2.0),
+            local_steps=STEPS.get(node, 1),
             tier=0,
         )
         return RecordDict({"arrays": to_array_record(new), "metrics": MetricRecord(metrics)})
@@ -192,6 +194,8 @@ HAND: dict[str, tuple[dict[str, Any], dict[int, float]]] = {
     "multikrum": ({"num_nodes_to_select": 2}, _share({1: EXAMPLES[1], 2: EXAMPLES[2]})),
     "bulyan": ({}, EQUAL),  # f = 0: every reply selected, then an unweighted coordinate-wise mean
     "qfedavg": ({"q": 0.5, "client_learning_rate": 0.1}, _share({n: LOSS[n] ** 0.5 for n in NODES})),
+    # c_i = p_i τ_eff / τ_i with τ_i the local steps: normalised, ∝ n_i / τ_i
+    "fednova": ({"work": "steps"}, _share({n: EXAMPLES[n] / STEPS[n] for n in NODES})),
 }
 
 

@@ -2,8 +2,9 @@
 
 ``fedeq simulate [CONFIG.yaml] [key=value ...]`` runs a simulation (the embedded default without CONFIG);
 ``fedeq deploy ...`` runs on a real Flower SuperLink and SuperNodes; ``fedeq config show [CONFIG.yaml]
-[key=value ...]`` prints the resolved config with a description of every key. A bad config or argument
-exits with status 2 and one line naming the key, before any work.
+[key=value ...]`` prints the resolved config with a description of every key; ``fedeq sweep [CONFIG.yaml]
+[key=value ...] --grid KEY=V1,V2 --seeds N`` runs a grid of configs over seeds and summarizes them. A bad
+config or argument exits with status 2 and one line naming the key, before any work.
 
 This module builds the parser from the subcommands' modules (:mod:`fedeq.cli.simulate`,
 :mod:`fedeq.cli.deploy`) and dispatches to them; they never import it.
@@ -23,6 +24,7 @@ from fedeq.cli.config_args import check_runnable, split_config_args
 from fedeq.cli.config_show import add_config_parser, cmd_config
 from fedeq.cli.deploy import add_deploy_parser, cmd_deploy
 from fedeq.cli.simulate import add_simulate_parser, cmd_simulate
+from fedeq.cli.sweep import add_sweep_parser, cmd_sweep
 
 __all__ = [
     "build_parser",
@@ -38,6 +40,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "simulate": cmd_simulate,
     "deploy": cmd_deploy,
     "config": cmd_config,
+    "sweep": cmd_sweep,
 }
 """Subcommand name -> the function that runs it (returns the exit status)."""
 
@@ -54,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_parser(sub)
     add_deploy_parser(sub)
     add_config_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 

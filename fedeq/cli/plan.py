@@ -48,8 +48,10 @@ def engine_plan(cfg: Any) -> tuple[str, list[str]]:
         from fedeq.engines.ray.pools import plan_grid
 
         groups, sizes, cpus = plan_grid(cfg)
-        where = f"joins the Ray cluster at {cfg.ray.address}" if cfg.ray.address else (
-            f"a local Ray cluster with {cpus} logical CPUs ({cores} cores)"
+        where = (
+            f"joins the Ray cluster at {cfg.ray.address}"
+            if cfg.ray.address
+            else (f"a local Ray cluster with {cpus} logical CPUs ({cores} cores)")
         )
         shared = "one per tier" if len(groups) == len(tiers) else "tiers with the same resources share one"
         pools = f"{len(sizes)} pool{'s' if len(sizes) != 1 else ''}"
@@ -76,6 +78,28 @@ def engine_plan(cfg: Any) -> tuple[str, list[str]]:
         )
         return line, [_cpu_text(t0.num_cpus, t0.num_gpus)] * len(tiers)
     return f"{cfg.engine}: no resource plan for this engine", ["-"] * len(tiers)
+
+
+def cohort_text(cfg: Any, model: Any) -> str:
+    """How the Ray engine groups each round's train calls: cohorts of a tier, or one client per call."""
+    from fedeq.train import adversarial_from_config
+    from fedeq.train.cohort import cohort_problem
+
+    size = cfg.ray.cohort_size
+    if size == 1:
+        return "off (ray.cohort_size=1): one client per call"
+    train = cfg.train
+    problem = cohort_problem(
+        model,
+        jac_reg=train.jac_reg,
+        randomize_budget=train.randomize_budget,
+        adversarial=adversarial_from_config(train),
+    )
+    if problem is not None:
+        return f"not vectorized, one client per call: {problem}"
+    if size == "auto":
+        return "auto: each actor trains its share of a tier's clients in a round together (capped by memory)"
+    return f"{size} clients of a tier per call, trained together"
 
 
 def tier_plans(cfg: Any, sizes: list[int], resources: list[str]) -> list[TierPlan]:
@@ -121,6 +145,8 @@ def plan_text(cfg: Any, out: Path | None = None) -> str:
         "training examples per client (min / median / max)",
         f"engine    {engine_line}",
     ]
+    if cfg.engine == "ray":
+        lines.append(f"cohorts   {cohort_text(cfg, model)}")
     if out is not None:
         lines.append(f"output    {out}")
     rows = [["tier", "clients", "examples min / median / max", "solver f/b backward", "runs on"]]

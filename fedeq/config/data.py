@@ -34,6 +34,9 @@ class DataConfig(Section):
     """Share of the examples held out for testing when the source has no test split of its own."""
     val_fraction: Float = Field(0.1, ge=0, lt=1)
     """Share of each client's examples kept for local validation."""
+    server_val_fraction: Float = Field(0.0, ge=0, lt=0.5)
+    """Share of the training split held by the server as its validation split (0: none), carved out
+    before partitioning and never given to a client; read by the ``server_val`` quality function."""
     partition: registered_name(PARTITIONERS) = "dirichlet"  # type: ignore[valid-type]
     """How the examples are split over clients: a registered partitioner (``iid``, ``dirichlet``, ...)."""
     alpha: Float = Field(0.5, gt=0)

@@ -21,6 +21,7 @@ from fedeq.registry import ENGINES
 
 __all__ = [
     "AdversarialMode",
+    "AsyncConfig",
     "AttackNorm",
     "DataConfig",
     "Device",
@@ -192,6 +193,18 @@ class RayConfig(Section):
     """Wall-clock limit of one client call in seconds; its actor is replaced (null: none)."""
     num_cpus: Float | None = Field(None, gt=0)
     """Logical CPUs of a local cluster (null: the machine's cores, or what the pools need)."""
+    cohort_size: Int | Literal["auto"] = "auto"
+    """Clients of one tier trained together in one vectorized call: ``auto`` (each actor of the tier's pool
+    gets one cohort per round, capped by memory), a number >= 1, or 1 for one client per call."""
+
+    @field_validator("cohort_size", mode="before")
+    @classmethod
+    def _cohort_size(cls, size: int | str) -> int | str:
+        if size != "auto" and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise problem(
+                "must be auto or an integer >= 1", "auto, 1 (one client per call), 2, 3, ...", got=size
+            )
+        return size
 
     @field_validator("address")
     @classmethod
@@ -224,6 +237,25 @@ class FaultConfig(Section):
         return self
 
 
+class AsyncConfig(Section):
+    """Buffered asynchronous aggregation (FedBuff), used with ``aggregation=async``: ``concurrency`` clients
+    train at once; every ``buffer_size`` replies the server applies ``θ ← θ + server_lr · Σ p_i s(τ_i) Δ_i``
+    with ``s`` the ``staleness`` function of the staleness ``τ_i`` (versions since the client's model)."""
+
+    buffer_size: Int = Field(10, ge=1)
+    """Replies per server update (FedBuff's ``K``), at most ``concurrency``."""
+    concurrency: Int | None = Field(None, ge=1)
+    """Clients training at once, in buffer_size..num_clients (null: min(2·buffer_size, num_clients))."""
+    staleness: Literal["constant", "polynomial"] = "polynomial"
+    """Staleness weight ``s(τ)``: ``constant`` (1) | ``polynomial`` (``(1+τ)^-staleness_exponent``)."""
+    staleness_exponent: Float = Field(0.5, ge=0)
+    """Exponent ``a`` of the polynomial weight (0.5: FedBuff's ``1/sqrt(1+τ)``)."""
+    server_lr: Float = Field(1.0, gt=0)
+    """Server learning rate ``η_g`` applied to the weighted buffer."""
+    max_staleness: Int | None = Field(None, ge=0)
+    """Replies staler than this are dropped, not aggregated (null: none)."""
+
+
 class FedeqConfig(Section):
     """Root of the ``fedeq simulate`` configuration."""
 
@@ -237,6 +269,9 @@ class FedeqConfig(Section):
     """In 1..num_clients."""
     engine: registered_name(ENGINES) = "ray"  # type: ignore[valid-type]
     """What runs the simulation: ``ray`` (fedeq's device engine) | ``flower`` (Flower's simulation)."""
+    aggregation: Literal["sync", "async"] = "sync"
+    """``sync``: rounds of ``clients_per_round`` clients | ``async``: buffered asynchronous updates (FedBuff,
+    the ``async`` section); ``rounds`` then counts server updates."""
     output_dir: str = "outputs"
     """Folder that holds the run folders."""
     run_name: str | None = None
@@ -252,6 +287,10 @@ class FedeqConfig(Section):
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     faults: FaultConfig = Field(default_factory=FaultConfig)
+    # ``async`` is a Python keyword: the section is declared through the class namespace (read it with
+    # ``getattr(cfg, "async")``), so that its keys are ``async.buffer_size``, ... as everywhere else.
+    __annotations__["async"] = "AsyncConfig"
+    vars()["async"] = Field(default_factory=AsyncConfig)
 
     @field_validator("output_dir")
     @classmethod
@@ -275,4 +314,17 @@ class FedeqConfig(Section):
             at = ("strategy", "min_available_nodes")
             check_range(self.strategy.min_available_nodes, 1, n, integer=True, at=at)
         check_client_ids(self.devices.tiers, n, at=("devices", "tiers"))
+        if self.aggregation == "async":
+            section: AsyncConfig = getattr(self, "async")
+            check_range(section.buffer_size, 1, n, integer=True, at=("async", "buffer_size"))
+            if section.concurrency is not None:
+                at = ("async", "concurrency")
+                check_range(section.concurrency, section.buffer_size, n, integer=True, at=at)
+            if self.strategy.fraction_evaluate > 0:
+                raise problem(
+                    "federated evaluation is not run with aggregation=async",
+                    "0 (the server's central evaluation runs after every update)",
+                    got=self.strategy.fraction_evaluate,
+                    at=("strategy", "fraction_evaluate"),
+                )
         return self

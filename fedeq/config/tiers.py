@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StrictStr, field_validator, model_validator
 
 from fedeq.config.rules import Float, Int, Section, check_range, problem, range_text, registered_name
 from fedeq.registry import BACKWARDS, SOLVERS
@@ -23,6 +23,10 @@ __all__ = [
 
 #: Allowed deviation of the sum of tier shares from 1.
 SHARE_TOLERANCE = 1e-6
+#: Ray's own resource names, which a tier asks for through num_cpus, num_gpus and memory_mb.
+_RAY_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+#: The smallest amount of a Ray resource (Ray counts resources in units of 0.0001).
+_MIN_RESOURCE = 1e-4
 
 DeadlinePolicy = Literal["drop", "partial"]
 SolverName = registered_name(SOLVERS)
@@ -71,6 +75,9 @@ class TierConfig(Section):
     """Ray GPU share of each actor of the tier's pool (0.25: four actors per GPU)."""
     memory_mb: Float | None = Field(None, gt=0)
     """Ray memory reservation of each actor in MiB (null: none)."""
+    resources: dict[StrictStr, Float] = Field(default_factory=dict)
+    """Ray custom resources each actor of the tier asks for, e.g. ``{node_b: 0.01}``: pins the tier's pool
+    to the nodes started with that resource (``ray start --resources``)."""
 
     @field_validator("name")
     @classmethod
@@ -78,6 +85,20 @@ class TierConfig(Section):
         if not name:
             raise problem("tier name must not be empty", "a non-empty unique string")
         return name
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        for name, amount in resources.items():
+            if not name or name in _RAY_RESOURCES:
+                raise problem(
+                    "not a custom resource name",
+                    "a non-empty name other than CPU, GPU, memory and object_store_memory "
+                    "(those are num_cpus, num_gpus and memory_mb)",
+                    got=name,
+                )
+            check_range(amount, _MIN_RESOURCE, at=(name,))
+        return resources
 
     @model_validator(mode="after")
     def _share_and_backward(self) -> TierConfig:

@@ -4,6 +4,7 @@
 - :mod:`~fedeq.data.datasets`: one module per dataset, registered in :data:`fedeq.registry.DATASETS`;
 - :mod:`~fedeq.data.partition`: one module per scheme, registered in :data:`fedeq.registry.PARTITIONERS`;
 - :mod:`~fedeq.data.clients`: a client's partition and validation split, tensors and batches;
+- :mod:`~fedeq.data.server_split`: the server's validation split, carved out before partitioning;
 - :mod:`~fedeq.data.checks`: :func:`check_data`, the data checks a run passes before any work.
 
 Your own dataset is a :class:`DatasetSource` registered with :func:`register_dataset` (see
@@ -24,6 +25,7 @@ from fedeq.data.clients import (
     load_client_data,
     partition_dataset,
     partition_sizes,
+    server_validation,
     to_tensors,
     uninstall_partitions,
 )
@@ -49,6 +51,7 @@ __all__ = [
     "partition_indices",
     "partition_sizes",
     "register_dataset",
+    "server_validation",
     "to_tensors",
     "uninstall_partitions",
 ]

@@ -26,6 +26,7 @@ from fedeq.data.base import (
     uninstall_datasets,
 )
 from fedeq.data.partition.base import partition_indices
+from fedeq.data.server_split import server_split_indices
 from fedeq.registry import DATASETS, PARTITIONERS, Registry
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "load_client_data",
     "partition_dataset",
     "partition_sizes",
+    "server_validation",
     "to_tensors",
     "uninstall_partitions",
 ]
@@ -53,12 +55,15 @@ def partition_dataset(
     labels_per_client: int = 2,
     seed: int = 0,
     min_partition_size: int = 2,
+    server_val_fraction: float = 0.0,
     **options: Any,
 ) -> tuple[np.ndarray, ...]:
     """Partition the training split of a dataset (see :func:`load_dataset`); cached per arguments.
 
     ``options`` are further ``data.*`` keys, each read by the dataset or by the scheme (``source=...``,
     ``partition_by="writer"``). Returns one read-only int64 index array (into ``x_train``) per partition.
+    The server's validation split (``server_val_fraction`` of the examples, see
+    :func:`~fedeq.data.server_split.server_split_indices`) is left out of every partition.
     """
     scheme_keys = _option_keys(PARTITIONERS, scheme)
     data_keys = _option_keys(DATASETS, name)
@@ -77,6 +82,7 @@ def partition_dataset(
         int(seed),
         int(min_partition_size),
         scheme_options,
+        float(server_val_fraction),
     )
 
 
@@ -95,19 +101,26 @@ def _partition_cached(
     seed: int,
     min_partition_size: int,
     scheme_options: tuple[tuple[str, Any], ...] = (),
+    server_val_fraction: float = 0.0,
 ) -> tuple[np.ndarray, ...]:
     # ``splits`` is itself a cached object, so hashing it by identity keys on the dataset arguments.
+    y, columns, pool = splits.y_train, splits.columns, None
+    if server_val_fraction > 0:
+        pool = server_split_indices(y, server_val_fraction, seed)[1]
+        y, columns = y[pool], {k: v[pool] for k, v in columns.items()}
     parts = partition_indices(
-        splits.y_train,
+        y,
         num_partitions,
         scheme,
         alpha=alpha,
         labels_per_client=labels_per_client,
         seed=seed,
         min_partition_size=min_partition_size,
-        columns=splits.columns,
+        columns=columns,
         **dict(scheme_options),
     )
+    if pool is not None:
+        parts = [pool[p] for p in parts]
     for p in parts:
         p.flags.writeable = False
     return tuple(parts)
@@ -150,7 +163,8 @@ def _cfg_options(data_cfg: Any) -> dict[str, Any]:
 
 def _cfg_args(data_cfg: Any) -> tuple[Any, ...]:
     """``(name, path, test_path, test_fraction, scheme, alpha, labels_per_client, min_partition_size,
-    options)`` with ``options`` the sorted ``(key, value)`` pairs of :func:`_cfg_options`."""
+    server_val_fraction, options)`` with ``options`` the sorted ``(key, value)`` pairs of
+    :func:`_cfg_options`."""
     path = _cfg(data_cfg, "path")
     test_path = _cfg(data_cfg, "test_path")
     return (
@@ -162,6 +176,7 @@ def _cfg_args(data_cfg: Any) -> tuple[Any, ...]:
         float(_cfg(data_cfg, "alpha", 0.5)),
         int(_cfg(data_cfg, "labels_per_client", 2)),
         int(_cfg(data_cfg, "min_partition_size", 2)),
+        float(_cfg(data_cfg, "server_val_fraction", 0.0)),
         tuple(sorted(_cfg_options(data_cfg).items())),
     )
 
@@ -179,7 +194,7 @@ def _cfg_partitions(
     data_cfg: Any, num_partitions: int, seed: int
 ) -> tuple[DatasetSplits, tuple[np.ndarray, ...]]:
     args = _cfg_args(data_cfg)
-    name, path, test_path, test_fraction, scheme, alpha, labels_per_client, min_size, options = args
+    name, path, test_path, test_fraction, scheme, alpha, labels_per_client, min_size, server_f, options = args
     splits = client_dataset(data_cfg, seed)
     installed = _INSTALLED_PARTITIONS.get(_partitions_key(args, num_partitions, seed))
     if installed is not None:
@@ -195,6 +210,7 @@ def _cfg_partitions(
         labels_per_client=labels_per_client,
         seed=seed,
         min_partition_size=min_size,
+        server_val_fraction=server_f,
         **dict(options),
     )
     return splits, parts
@@ -279,6 +295,15 @@ def load_client_data(data_cfg: Any, partition_id: int, num_partitions: int, seed
         x_val=splits.x_train[val_idx],
         y_val=splits.y_train[val_idx],
     )
+
+
+def server_validation(data_cfg: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The server's validation split ``(x, y)`` of ``data_cfg`` (``data.server_val_fraction`` of the
+    training split, no client's data; empty arrays when the fraction is 0)."""
+    splits = client_dataset(data_cfg, seed)
+    fraction = float(_cfg(data_cfg, "server_val_fraction", 0.0))
+    server = server_split_indices(splits.y_train, fraction, seed)[0]
+    return splits.x_train[server], splits.y_train[server]
 
 
 def partition_sizes(data_cfg: Any, num_partitions: int, seed: int) -> list[int]:

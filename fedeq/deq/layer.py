@@ -38,6 +38,7 @@ __all__ = [
     "DEQOutput",
     "DEQSettings",
     "SolverStats",
+    "equilibrium",
 ]
 
 Tensor = torch.Tensor
@@ -169,29 +170,39 @@ class DEQ(nn.Module):
         ``broyden_reuse``, gradients enabled), whose forward then makes SHINE's outer-problem-aware
         updates, each costing one VJP (``forward.vjps``) and one call of ``outer_grad``."""
         s = self.settings.override(**overrides) if overrides else self.settings
-        func = self.func
+        return equilibrium(self.func, s, x, z0, outer_grad)
 
-        def f(z: Tensor) -> Tensor:
-            return func(z, x)
 
-        outer = None
-        if (
-            outer_grad is not None
-            and s.reuse_opa_every > 0
-            and s.backward == "broyden_reuse"
-            and torch.is_grad_enabled()
-        ):
-            outer = OuterGradient(outer_grad, s.reuse_opa_every)
-        z_star, fstats = solve(
-            f, z0, s.solver, s.f_max_iter, s.tol, s.stop_mode, outer=outer, **s.solver_options
-        )
-        if not torch.is_grad_enabled():
-            return DEQOutput(z_star, fstats, None, s)
+def equilibrium(
+    func: Callable[[Tensor, Any], Tensor],
+    s: DEQSettings,
+    x: Any,
+    z0: Tensor,
+    outer_grad: Callable[[Tensor], Tensor] | None = None,
+) -> DEQOutput:
+    """What :meth:`DEQ.forward` computes, for any map ``func(z, x)`` and validated settings ``s``: solve
+    ``z* = func(z*, x)`` from ``z0`` and attach the gradient of ``s.backward`` (the cohort trainer calls it
+    with a map that evaluates many clients' cells at once)."""
 
-        mode = get_backward(s.backward)()
-        z_in = z_star.detach().requires_grad_(mode.needs_z_grad or s.jac_reg_samples > 0)
-        fz = func(z_in, x)
-        jac_loss = jacobian_frobenius(fz, z_in, s.jac_reg_samples) if s.jac_reg_samples > 0 else None
-        bstats = BackwardStats(mode=s.backward)
-        z_out, graph_evals = mode.attach(f, z_in, fz, fstats, s, bstats)
-        return DEQOutput(z_out, fstats, bstats, s, jac_loss=jac_loss, graph_evals=graph_evals)
+    def f(z: Tensor) -> Tensor:
+        return func(z, x)
+
+    outer = None
+    if (
+        outer_grad is not None
+        and s.reuse_opa_every > 0
+        and s.backward == "broyden_reuse"
+        and torch.is_grad_enabled()
+    ):
+        outer = OuterGradient(outer_grad, s.reuse_opa_every)
+    z_star, fstats = solve(f, z0, s.solver, s.f_max_iter, s.tol, s.stop_mode, outer=outer, **s.solver_options)
+    if not torch.is_grad_enabled():
+        return DEQOutput(z_star, fstats, None, s)
+
+    mode = get_backward(s.backward)()
+    z_in = z_star.detach().requires_grad_(mode.needs_z_grad or s.jac_reg_samples > 0)
+    fz = func(z_in, x)
+    jac_loss = jacobian_frobenius(fz, z_in, s.jac_reg_samples) if s.jac_reg_samples > 0 else None
+    bstats = BackwardStats(mode=s.backward)
+    z_out, graph_evals = mode.attach(f, z_in, fz, fstats, s, bstats)
+    return DEQOutput(z_out, fstats, bstats, s, jac_loss=jac_loss, graph_evals=graph_evals)

@@ -6,7 +6,8 @@ import time
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Error, Message
+from flwr.common.constant import ErrorCode
 
 from fedeq.arrays import from_numpy
 
@@ -49,3 +50,16 @@ def poison(arrays: ArrayRecord) -> ArrayRecord:
             out[key] = from_numpy(np.full(tuple(array.shape), np.nan, dtype=dtype))
             break
     return out
+
+
+def exception_reply(message: Message, err: BaseException) -> Message:
+    """The error reply of a client call that raised ``err``."""
+    return Message(
+        Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}"), reply_to=message
+    )
+
+
+def timeout_reply(message: Message, limit_s: float) -> Message:
+    """The error reply of a client call that gave no reply within ``limit_s`` wall-clock seconds."""
+    reason = f"timeout: no reply within call_timeout_s={limit_s:g}"
+    return Message(Error(ErrorCode.CLIENT_APP_CRASHED, reason), reply_to=message)

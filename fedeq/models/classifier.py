@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,13 @@ class DEQClassifier(nn.Module):
 
     Override the methods, never assign modules under their names: keep a cell's layers under other
     attribute names (``self.lin``, ``self.norm``) and use them in :meth:`cell`.
+
+    ``supports_cohorts``: the four parts are functions of their inputs, weights and buffers only (no random
+    draws, ``.item()`` or data-dependent Python branches), so many clients train at once under ``vmap``
+    (:mod:`fedeq.train.cohort_model`); a subclass whose parts are not sets it to ``False``.
     """
+
+    supports_cohorts: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ __all__ = ["ExplicitMLP", "build_explicit"]
 
 class ExplicitMLP(nn.Module):
     """Explicit baseline: ``depth`` stacked, non-tied blocks ``z ← tanh(W_l z + U x + b_l)``, ``z₀ = 0``."""
+
+    supports_cohorts: ClassVar[bool] = True
+    """Its forward vectorizes over clients (:mod:`fedeq.train.cohort_model`)."""
 
     def __init__(self, in_features: int, num_classes: int, hidden: int = 64, depth: int = 3) -> None:
         super().__init__()

@@ -55,6 +55,16 @@ CLIENT_COLUMNS = (
     "status",
     "reason",
 )
+ASYNC_CLIENT_COLUMNS = (
+    *CLIENT_COLUMNS,
+    "dispatch",
+    "model_version",
+    "staleness",
+    "staleness_weight",
+    "start_s",
+    "arrival_s",
+)
+"""``clients.csv`` of an asynchronous run (``aggregation=async``): each reply's call, version and times."""
 
 
 def run_dir(output_dir: str | Path, run_name: str | None) -> Path:
@@ -126,6 +136,8 @@ class RunRecorder:
         self.clients: list[dict[str, Any]] = []
         self.curve: list[dict[str, Any]] = []
         self.extra: dict[str, Any] = {}
+        self.client_columns: tuple[str, ...] = CLIENT_COLUMNS
+        """Columns of ``clients.csv`` (:data:`ASYNC_CLIENT_COLUMNS` in an asynchronous run)."""
         self._clients_on_disk = 0
         """Rows of ``clients.csv`` this recorder wrote, so that a later write appends only the new ones."""
 
@@ -157,14 +169,14 @@ class RunRecorder:
         return df[cols] if len(df) else pd.DataFrame(columns=list(ROUND_COLUMNS))
 
     def clients_frame(self) -> pd.DataFrame:
-        df = pd.DataFrame(self.clients, columns=list(CLIENT_COLUMNS))
+        df = pd.DataFrame(self.clients, columns=list(self.client_columns))
         return df
 
     def _write_clients(self, append: bool) -> None:
         path = self.out_dir / "clients.csv"
         done = self._clients_on_disk
         if append and 0 < done <= len(self.clients) and path.is_file():
-            new = pd.DataFrame(self.clients[done:], columns=list(CLIENT_COLUMNS))
+            new = pd.DataFrame(self.clients[done:], columns=list(self.client_columns))
             new.to_csv(path, mode="a", header=False, index=False)
         else:
             self.clients_frame().to_csv(path, index=False)

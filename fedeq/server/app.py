@@ -1,4 +1,5 @@
-"""Flower ServerApp: builds the global DEQ, the strategy and the round callbacks, and runs the rounds.
+"""Flower ServerApp: builds the global DEQ, the strategy and the round callbacks, and runs the rounds
+(synchronous rounds, :mod:`fedeq.server.loop`; ``aggregation=async``, :mod:`fedeq.server.async_loop`).
 
 The same :func:`run_server` drives every engine (Flower's simulation runtime, fedeq's Ray engine, a real
 SuperLink): it only talks to a ``flwr.serverapp.Grid``.
@@ -6,6 +7,7 @@ SuperLink): it only talks to a ``flwr.serverapp.Grid``.
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -13,17 +15,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
-from fedeq.config import RUN_CONFIG_KEY, attribute_view, config_from_run_config, to_yaml
-from fedeq.data import client_dataset, partition_sizes
+from fedeq.config import RUN_CONFIG_KEY, ConfigError, attribute_view, config_from_run_config, to_yaml
+from fedeq.data import client_dataset, partition_sizes, server_validation
 from fedeq.devices.assign import assign_tiers
 from fedeq.devices.clock import reply_sim_time
 from fedeq.devices.settings import tier_deq_settings
 from fedeq.models import build_model, num_parameters
-from fedeq.results.recorder import RunRecorder, check_new_run, run_dir
+from fedeq.results.recorder import ASYNC_CLIENT_COLUMNS, RunRecorder, check_new_run, run_dir
+from fedeq.server.async_book import AsyncRoundBook
+from fedeq.server.async_loop import AsyncSettings, run_async, staleness_check
+from fedeq.server.async_schedule import AsyncState
 from fedeq.server.callbacks import (
     BudgetCurve,
     CentralEvaluation,
@@ -39,6 +44,7 @@ from fedeq.server.round_book import RoundBook
 from fedeq.train import resolve_device
 from strategies.guard import ReplyGuard
 from strategies.registry import build_strategy
+from strategies.server_eval import ServerEvaluator
 
 console = Console(stderr=True)
 
@@ -70,7 +76,24 @@ def strategy_for(cfg: Any) -> ReplyGuard:
         **evaluate,
     )
     guard.federated_evaluation = evaluate_fraction(cfg) > 0
+    if "evaluate" in getattr(guard.strategy, "needs", ()) and not cfg.data.server_val_fraction > 0:
+        problem = (
+            f"strategy.kwargs.quality={getattr(guard.strategy, 'quality', None)!r} scores updates on the "
+            "server's validation split, which is off"
+        )
+        raise ConfigError("data.server_val_fraction", problem, "a fraction in (0, 0.5), e.g. 0.05", 0.0)
     return guard
+
+
+def attach_server_evaluator(guard: ReplyGuard, cfg: Any, model: torch.nn.Module, device: Any) -> None:
+    """Give the strategy a loss on the server's validation split (``data.server_val_fraction``) when its
+    quality function needs one, at the settings of the tier with the largest forward budget."""
+    inner: Any = guard.strategy
+    if "evaluate" not in getattr(inner, "needs", ()):
+        return
+    x, y = server_validation(cfg.data, cfg.seed)
+    settings = tier_deq_settings(cfg, reference_tier(cfg))
+    inner.server_evaluate = ServerEvaluator(copy.deepcopy(model), x, y, device, settings)
 
 
 def evaluate_fraction(cfg: Any) -> float:
@@ -99,6 +122,23 @@ def deadline_check(devices: Any, model_bytes: int) -> Callable[[Mapping[str, Any
         return None
 
     return check
+
+
+def reply_duration(devices: Any, model_bytes: int) -> Callable[[Message], float]:
+    """Simulated seconds of a train reply (:func:`~fedeq.devices.clock.reply_sim_time` of its metrics and
+    tier); 0 for a reply without metrics or tier (the guard rejects it)."""
+
+    def duration(reply: Message) -> float:
+        records = list(reply.content.metric_records.values())
+        if len(records) != 1 or "tier" not in records[0]:
+            return 0.0
+        metrics = dict(records[0])
+        tier = int(metrics["tier"])  # type: ignore[arg-type]
+        if not 0 <= tier < len(devices.tiers):
+            return 0.0
+        return reply_sim_time(devices.tiers[tier], metrics, model_bytes, devices.nfe_cost_s)
+
+    return duration
 
 
 def run_server(
@@ -137,14 +177,21 @@ def run_server(
     )
 
     strategy = strategy_for(cfg)
+    attach_server_evaluator(strategy, cfg, model, device)
     devices = attribute_view(cfg.devices)
     if devices.deadline_s is not None and devices.deadline_policy == "drop":
         strategy.reply_checks.append(deadline_check(devices, model_bytes))
-    book = RoundBook(devices, strategy, model_bytes, recorder, getattr(grid, "node_config", None))
+    asynchronous = cfg.aggregation == "async"
+    book_type = AsyncRoundBook if asynchronous else RoundBook
+    book = book_type(devices, strategy, model_bytes, recorder, getattr(grid, "node_config", None))
+    loop_state = AsyncState(cfg.seed) if asynchronous else None
+    if asynchronous:
+        recorder.client_columns = ASYNC_CLIENT_COLUMNS
+        strategy.reply_checks.append(staleness_check(getattr(cfg, "async").max_staleness))
     ref = reference_tier(cfg)
     test = (model, splits.x_test, splits.y_test, device)
     curve_settings = {"solver": ref.solver, "tol": cfg.model.tol, "stop_mode": cfg.model.stop_mode}
-    checkpointing = Checkpointing(out, strategy, recorder, book)
+    checkpointing = Checkpointing(out, strategy, recorder, book, loop_state)
     callbacks: list[RoundCallback] = [
         CentralEvaluation(*test, {t.name: tier_deq_settings(cfg, t) for t in tiers}, ref.name, recorder),
         RoundRecords(book),
@@ -163,6 +210,24 @@ def run_server(
         if not quiet:
             console.print(f"resuming {out} after round {last_round}", soft_wrap=True)
 
+    timeout = cfg.strategy.round_timeout_s or 3600.0
+    if loop_state is not None:
+        assert isinstance(book, AsyncRoundBook)
+        run_async(
+            strategy,
+            grid,
+            arrays,
+            cfg.rounds,
+            AsyncSettings.from_config(cfg),
+            loop_state,
+            duration=reply_duration(devices, model_bytes),
+            train_config=ConfigRecord({RUN_CONFIG_KEY: config_yaml}),
+            callbacks=callbacks,
+            on_update=book.set_update,
+            overlap=True,
+            timeout=timeout,
+        )
+        return out
     run_rounds(
         strategy,
         grid,
@@ -173,7 +238,7 @@ def run_server(
         evaluate_config=ConfigRecord({RUN_CONFIG_KEY: config_yaml}),
         callbacks=callbacks,
         overlap=True,
-        timeout=cfg.strategy.round_timeout_s or 3600.0,
+        timeout=timeout,
     )
     return out
 

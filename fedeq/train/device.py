@@ -45,9 +45,18 @@ def move_to(model: nn.Module, device: torch.device | str) -> nn.Module:
     return model
 
 
-def examples_on(x: Any, y: Any, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` as float inputs and integer labels on ``device`` (arrays are converted, tensors moved)."""
+def examples_on(
+    x: Any, y: Any, device: torch.device, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` as ``dtype`` inputs (a model's parameter dtype) and integer labels on ``device`` (arrays
+    are converted, tensors moved)."""
     xt = x if isinstance(x, Tensor) else torch.from_numpy(np.array(x, dtype=np.float32))
     yt = y if isinstance(y, Tensor) else torch.from_numpy(np.array(y, dtype=np.int64))
     xt, yt = xt.to(device), yt.to(device)
-    return xt.float(), yt.long()
+    return xt.to(dtype), yt.long()
+
+
+def parameter_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of ``model``'s first parameter (float32 for a model without parameters)."""
+    first = next(model.parameters(), None)
+    return first.dtype if first is not None and first.is_floating_point() else torch.float32

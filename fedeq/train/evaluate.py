@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedeq.data import batches
-from fedeq.train.device import examples_on, move_to
+from fedeq.train.device import examples_on, move_to, parameter_dtype
 from fedeq.train.solver_stats import solver_stats
 
 
@@ -42,7 +42,7 @@ def evaluate(
     """Mean cross-entropy, accuracy, residual and forward evaluations on ``(x, y)``."""
     device = torch.device(device)
     move_to(model, device).eval()
-    xt, yt = examples_on(x, y, device)
+    xt, yt = examples_on(x, y, device, parameter_dtype(model))
     n = int(xt.shape[0])
     if n == 0:
         return EvalStats(0, float("nan"), float("nan"), float("nan"), float("nan"))

@@ -17,7 +17,7 @@ from torch import nn
 from fedeq.data import batches
 from fedeq.deq.layer import DEQ, DEQSettings
 from fedeq.train.adversarial import AdversarialConfig, adversarial_step
-from fedeq.train.device import examples_on, move_to, seed_global_rng
+from fedeq.train.device import examples_on, move_to, parameter_dtype, seed_global_rng
 from fedeq.train.optimizers import make_optimizer
 from fedeq.train.solver_stats import solver_stats
 
@@ -117,7 +117,7 @@ def train_local(
         adversarial.validate()
     device = torch.device(device)
     move_to(model, device).train()
-    xt, yt = examples_on(x, y, device)
+    xt, yt = examples_on(x, y, device, parameter_dtype(model))
     overrides = dict(deq or {})
     if jac_reg > 0:
         overrides["jac_reg_samples"] = jac_reg_samples

@@ -30,6 +30,20 @@ class BackwardStats:
     rel_residual: Tensor | None = None
     fallback: Tensor | None = None
     """``broyden_reuse``: samples that fell back to the JFB gradient."""
+    sample_nfe: Tensor | None = None
+    """Per sample, the VJPs of the backward's own solve (``nfe`` adds the batch's largest to the VJPs that
+    every sample shares); ``None`` when every sample used ``nfe``."""
+
+    def nfe_per_group(self, valid: Tensor) -> Tensor:
+        """``nfe`` as a backward over each group of samples alone would have counted it: the VJPs every
+        sample shares plus the group's largest count. ``valid`` (G, n) marks the samples of each of ``G``
+        consecutive groups of ``n`` (the flattened batch has ``G·n`` samples); returns ``(G,)`` int64."""
+        groups = valid.shape[0]
+        if self.sample_nfe is None:
+            return torch.full((groups,), self.nfe, dtype=torch.int64)
+        shared = self.nfe - int(self.sample_nfe.max())
+        per = torch.where(valid, self.sample_nfe.view(valid.shape), 0).amax(dim=1)
+        return (per + shared).to(torch.int64).cpu()
 
     def summary(self) -> dict[str, float]:
         out: dict[str, float] = {"nfe": float(self.nfe)}

@@ -118,6 +118,7 @@ def reuse_adjoint(
         budget, tol = s.reuse_refine_iter, s.backward_tol
         out, st = solve(adjoint, out, s.backward_solver, budget, tol, s.stop_mode, **s.b_solver_options)
         stats.nfe += int(st.nfe.max())
+        stats.sample_nfe = st.nfe
         stats.abs_residual, stats.rel_residual = st.abs_residual, st.rel_residual
     stats.ready = True
     return out

@@ -54,6 +54,7 @@ def solve_backward(
         adjoint, w, s.backward_solver, s.b_max_iter, s.backward_tol, s.stop_mode, **s.b_solver_options
     )
     bstats.nfe = int(st.nfe.max())
+    bstats.sample_nfe = st.nfe
     bstats.abs_residual, bstats.rel_residual = st.abs_residual, st.rel_residual
     bstats.ready = True
     return g

@@ -18,6 +18,7 @@ from fedeq.config import to_run_config
 from fedeq.data import client_dataset, client_partitions, install_partitions
 from fedeq.devices.assign import assign_tiers
 from fedeq.engines.ray.cluster import start_ray
+from fedeq.engines.ray.cohorts import cohort_caps
 from fedeq.engines.ray.grid import RayGrid
 from fedeq.engines.ray.pools import cpus_needed, plan_grid
 from fedeq.engines.ray.pools import plan_pools as plan_pools  # re-exported: per-tier pool sizes
@@ -84,6 +85,7 @@ def make_grid(cfg: Any, plan: tuple[list[list[int]], list[int], int] | None = No
         sizes=sizes,
         groups=groups,
         run_id=RUN_ID,
+        cohort_size=cfg.ray.cohort_size,
     )
 
 
@@ -132,6 +134,9 @@ def run_ray_simulation(cfg: Any, out: Path, quiet: bool = False, resume: bool = 
             pool.shutdown(wait=False)
         grid.warm_up(wait=False)
         share_partitions(grid, cfg, data.result())
+        if cfg.ray.cohort_size == "auto":
+            sizes_of_tiers = [grid.pools[grid.pool_of[t]].size for t in range(len(cfg.devices.tiers))]
+            grid.cohort_caps = cohort_caps(cfg, data.result()[0], sizes_of_tiers)
         grid.wait_ready()  # an actor that cannot start stops the run here, with its error
         with server_identity():
             run_server(grid, cfg, out_dir=out, quiet=quiet, resume=resume)

@@ -15,7 +15,8 @@ too; calls queued behind either go back to the pool's queue. Data the driver pre
 reaches every actor through :meth:`RayGrid.set_actor_setup`.
 
 The actor is :class:`~fedeq.engines.ray.worker.ClientWorker`; pools and their sizes are in
-:mod:`fedeq.engines.ray.pools`.
+:mod:`fedeq.engines.ray.pools`, starting and stopping their actors in :mod:`fedeq.engines.ray.actors`, and
+cohorts (several train messages answered by one call) in :mod:`fedeq.engines.ray.cohorts`.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ import ray
 from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode
 
+from fedeq.devices.faults import timeout_reply
+from fedeq.engines.ray.actors import PoolActors
 from fedeq.engines.ray.cluster import start_ray
-from fedeq.engines.ray.pools import Call, TierPool, pool_sizes
+from fedeq.engines.ray.cohorts import CohortSize, group_calls
+from fedeq.engines.ray.pools import Call, TierPool, actor_options, pool_sizes
 from fedeq.engines.ray.worker import ClientWorker
 from fedeq.engines.run_grid import RunGrid, assign_message_id
 
@@ -44,7 +48,7 @@ NODE_ID_OFFSET = 1_000_000
 """Node ids are ``NODE_ID_OFFSET + partition id``: stable across runs, so a resumed run samples alike."""
 
 
-class RayGrid(RunGrid):
+class RayGrid(PoolActors, RunGrid):
     """A Grid whose nodes are simulated devices served by per-tier Ray actor pools.
 
     Args:
@@ -59,6 +63,11 @@ class RayGrid(RunGrid):
             must ask for the same resources (see :func:`~fedeq.engines.ray.pools.pool_groups`).
         actor_setup: ``(function, args)`` that every actor runs once before its first call (see
             :meth:`set_actor_setup`).
+        cohort_size: ``1`` (one client per call), a number of clients, or ``"auto"``: the train messages of
+            one tier in a push are grouped into cohorts of that size, each answered by one call of the
+            cohort handler ``cohort_ref`` (:mod:`fedeq.engines.ray.cohorts`); a cohort's time limit is
+            ``call_timeout_s`` per client in it.
+        cohort_caps: the largest cohort of each tier for ``"auto"`` (default: no cap below 512).
         pipeline: calls sent ahead to a busy actor. With 2 (the default), while a pool has a backlog each
             actor holds its next call in its own queue and starts it the moment the current one ends, with
             no round trip through the driver; near the end of a round calls go only to free actors, so
@@ -78,6 +87,9 @@ class RayGrid(RunGrid):
         run_id: int = 1,
         actor_setup: tuple[Any, tuple] | None = None,
         pipeline: int = 2,
+        cohort_size: CohortSize = 1,
+        cohort_caps: Sequence[int] | None = None,
+        cohort_ref: str = "clients.cohort_app:train_cohort_messages",
     ) -> None:
         if not ray.is_initialized():
             raise RuntimeError("RayGrid needs a running Ray: call fedeq.engines.ray.grid.start_ray() first")
@@ -90,6 +102,9 @@ class RayGrid(RunGrid):
         self.app_ref = app_ref
         self.call_timeout_s = call_timeout_s
         self.pipeline = max(1, int(pipeline))
+        self.cohort_size = cohort_size
+        self.cohort_caps = list(cohort_caps) if cohort_caps is not None else [512] * len(self.tiers)
+        self.cohort_ref = cohort_ref if cohort_size != 1 else None
         self._setup: Any = None
         if groups is None:
             groups = [[i] for i in range(len(self.tiers))]
@@ -101,10 +116,7 @@ class RayGrid(RunGrid):
         """Index in :attr:`pools` of each tier's pool."""
         for group, size in zip(groups, sizes, strict=True):
             tier = self.tiers[group[0]]
-            options: dict[str, Any] = {"num_cpus": float(tier.num_cpus), "num_gpus": float(tier.num_gpus)}
-            memory_mb = getattr(tier, "memory_mb", None)
-            if memory_mb:
-                options["memory"] = int(memory_mb * 2**20)
+            options = actor_options(tier)
             name = "+".join(self.tier_names[i] for i in group)
             for i in group:
                 self.pool_of[i] = len(self.pools)
@@ -135,16 +147,30 @@ class RayGrid(RunGrid):
         return pid
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        messages = list(messages)
         ids = []
+        tiers = []
         for msg in messages:
             assign_message_id(msg)
-            pool = self.pools[self.pool_of[self.node_tiers[self.partition_of(msg.metadata.dst_node_id)]]]
-            call = Call(msg, pool)
-            self.pending[msg.metadata.message_id] = call
-            pool.queue.append(call)
             ids.append(msg.metadata.message_id)
+            tiers.append(self.node_tiers[self.partition_of(msg.metadata.dst_node_id)])
+        sizes = [pool.size for pool in self.pools]
+        costs = [float(getattr(t, "f_max_iter", 1) + getattr(t, "b_max_iter", 0)) for t in self.tiers]
+        cohort = self.cohort_size
+        for tier, group in group_calls(messages, tiers, cohort, self.pool_of, sizes, self.cohort_caps, costs):
+            self._enqueue(group, tier)
         self._dispatch()
         return ids
+
+    def _enqueue(self, messages: list[Message], tier: int) -> None:
+        call = Call(messages, self.pools[self.pool_of[tier]])
+        for mid in call.mids:
+            self.pending[mid] = call
+        call.pool.queue.append(call)
+
+    def _wanted(self, call: Call) -> bool:
+        """Whether a reply to any message of ``call`` is still awaited."""
+        return any(mid in self.pending for mid in call.mids)
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         self._progress(0.0)
@@ -160,8 +186,8 @@ class RayGrid(RunGrid):
                 break
         # Replies that did not arrive in time are abandoned; an actor still running one is replaced (a call
         # queued behind others runs later and its reply is dropped).
-        abandoned = [call for mid in ids if (call := self.pending.pop(mid, None)) is not None]
-        for call in abandoned:
+        abandoned = {id(c): c for mid in ids if (c := self.pending.pop(mid, None)) is not None}
+        for call in abandoned.values():
             line = call.pool.lines.get(call.actor)
             if call.ref is not None and line and line[0] is call:
                 self._replace(call)
@@ -169,29 +195,11 @@ class RayGrid(RunGrid):
 
     # ------------------------------------------------------------------ pools
 
-    def set_actor_setup(self, function: Any, args: tuple) -> None:
-        """Have every actor, running or started later, call ``function(*args)`` before its next call.
-
-        Both must be picklable; ``args`` go through Ray's object store once, however many actors there are.
-        Use it to hand the actors data the driver prepared (e.g. the partitions), so that they need not
-        compute it themselves. An actor whose setup raises goes on serving calls.
-        """
-        self._setup = ray.put((function, tuple(args)))
-        for pool in self.pools:
-            for actor in pool.actors:
-                actor.setup.remote(self._setup)
-
-    def _new_actor(self, pool: TierPool) -> Any:
-        actor = ClientWorker.options(**pool.options).remote(self.app_ref, pool.num_threads, self.run_config)
-        if self._setup is not None:
-            actor.setup.remote(self._setup)
-        return actor
-
     def _dispatch(self) -> None:
         for pool in self.pools:
             while pool.queue and (pool.idle or len(pool.actors) < pool.size):
                 call = pool.queue.popleft()
-                if call.mid not in self.pending:  # abandoned before it was sent
+                if not self._wanted(call):  # abandoned before it was sent
                     continue
                 if not pool.idle:
                     actor = self._new_actor(pool)
@@ -202,7 +210,7 @@ class RayGrid(RunGrid):
             # next call now: it waits in the actor's queue and starts as soon as the current one ends.
             for depth in range(1, self.pipeline):
                 for actor in list(pool.actors):
-                    while pool.queue and pool.queue[0].mid not in self.pending:
+                    while pool.queue and not self._wanted(pool.queue[0]):
                         pool.queue.popleft()
                     if len(pool.queue) < len(pool.actors):
                         break
@@ -212,14 +220,19 @@ class RayGrid(RunGrid):
     def _submit(self, call: Call, actor: Any) -> None:
         pool = call.pool
         line = pool.lines.setdefault(actor, deque())
-        node = int(call.message.metadata.dst_node_id)
+        nodes = [int(m.metadata.dst_node_id) for m in call.messages]
         call.actor, call.ready_ref, call.started = actor, None, None
         if not line:  # it runs at once (calls queued behind others start when those are done)
             if actor in pool.warm:
                 call.started = time.monotonic()
             else:  # actor calls run in order: `ready` returns when the actor can take the call
                 call.ready_ref = actor.ready.remote()
-        call.ref = actor.handle.remote(call.message, node, self.node_config(node), self._run.run_id)
+        run_id = self._run.run_id
+        if len(nodes) == 1:
+            call.ref = actor.handle.remote(call.message, nodes[0], self.node_config(nodes[0]), run_id)
+        else:
+            configs = [self.node_config(n) for n in nodes]
+            call.ref = actor.handle_cohort.remote(call.messages, nodes, configs, run_id)
         line.append(call)
 
     def _progress(self, wait_s: float) -> None:
@@ -236,9 +249,9 @@ class RayGrid(RunGrid):
                 call.pool.warm.add(call.actor)
         if running:
             timeout = wait_s
-            timed = [c.started for c in running.values() if c.started is not None]
+            timed = [c.started + self._limit(c) for c in running.values() if c.started is not None]
             if self.call_timeout_s is not None and timed:
-                first_expiry = min(timed) + self.call_timeout_s
+                first_expiry = min(timed)
                 timeout = max(0.0, min(wait_s, first_expiry - time.monotonic()))
             if starting:
                 timeout = min(timeout, 0.05)
@@ -263,12 +276,9 @@ class RayGrid(RunGrid):
                 for call in running.values():
                     if call.ref is None or call.started is None:
                         continue
-                    if now - call.started > self.call_timeout_s:
-                        reason = f"timeout: no reply within call_timeout_s={self.call_timeout_s:g}"
+                    if now - call.started > self._limit(call):
                         self._replace(call)
-                        self._finish(
-                            call, Message(Error(ErrorCode.CLIENT_APP_CRASHED, reason), reply_to=call.message)
-                        )
+                        self._finish(call, [timeout_reply(m, self.call_timeout_s) for m in call.messages])
         self._dispatch()
 
     def _actor_died(self, call: Call, err: Exception) -> None:
@@ -291,9 +301,10 @@ class RayGrid(RunGrid):
             culprit = ahead
             break
         self._replace(culprit, kill=False)
+        died = f"actor died: {err}"
         self._finish(
             culprit,
-            Message(Error(ErrorCode.CLIENT_APP_CRASHED, f"actor died: {err}"), reply_to=culprit.message),
+            [Message(Error(ErrorCode.CLIENT_APP_CRASHED, died), reply_to=m) for m in culprit.messages],
         )
 
     @staticmethod
@@ -315,9 +326,16 @@ class RayGrid(RunGrid):
         elif actor in pool.actors:
             pool.idle.append(actor)
 
-    def _finish(self, call: Call, reply: Message) -> None:
-        if self.pending.pop(call.mid, None) is not None:
-            self.done[call.mid] = reply
+    def _limit(self, call: Call) -> float:
+        """The wall-clock limit of ``call``: ``call_timeout_s`` per message in it."""
+        return float(self.call_timeout_s or 0.0) * len(call.messages)
+
+    def _finish(self, call: Call, replies: Message | list[Message]) -> None:
+        """Record the replies to ``call``'s messages (one, or one per message) that are still awaited."""
+        answers = replies if isinstance(replies, list) else [replies]
+        for mid, reply in zip(call.mids, answers, strict=True):
+            if self.pending.pop(mid, None) is not None:
+                self.done[mid] = reply
         call.ref = None
 
     def _replace(self, call: Call, kill: bool = True) -> None:
@@ -334,43 +352,7 @@ class RayGrid(RunGrid):
         pool.actors.remove(actor)
         pool.warm.discard(actor)
         line = pool.lines.pop(actor, deque())
-        for other in reversed([c for c in line if c is not call and c.mid in self.pending]):
+        for other in reversed([c for c in line if c is not call and self._wanted(c)]):
             other.actor = other.ref = other.ready_ref = other.started = None
             pool.queue.appendleft(other)
         pool.replaced += 1
-
-    def warm_up(self, wait: bool = True) -> None:
-        """Start every pool's actors now (they import torch and the app), so round 1 is not slower.
-
-        With ``wait=False`` the actors start in the background while the driver goes on (call
-        :meth:`wait_ready` later); a call sent to an actor that is still starting waits for it, and its time
-        limit counts from when the actor is up.
-        """
-        for pool in self.pools:
-            while len(pool.actors) < pool.size:
-                actor = self._new_actor(pool)
-                pool.actors.append(actor)
-                pool.idle.append(actor)
-        if wait:
-            self.wait_ready()
-
-    def wait_ready(self) -> None:
-        """Wait until every started actor has loaded the app and run its setup."""
-        starting = [(pool, a) for pool in self.pools for a in pool.actors if a not in pool.warm]
-        ray.get([actor.ready.remote() for _, actor in starting])
-        for pool, actor in starting:
-            pool.warm.add(actor)
-
-    def actor_stats(self) -> list[dict[str, Any]]:
-        """:meth:`ClientWorker.stats` of every live actor, with its tier (waits for running calls)."""
-        names = [(pool.name, actor) for pool in self.pools for actor in pool.actors]
-        stats = ray.get([actor.stats.remote() for _, actor in names])
-        return [{"tier": name, **st} for (name, _), st in zip(names, stats, strict=True)]
-
-    def shutdown(self) -> None:
-        for pool in self.pools:
-            for actor in pool.actors:
-                ray.kill(actor, no_restart=True)
-            pool.actors.clear()
-            pool.idle.clear()
-            pool.lines.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections import deque
@@ -12,14 +13,27 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from flwr.app import Message
 
-__all__ = ["Call", "TierPool", "cpus_needed", "plan_grid", "plan_pools", "pool_groups", "pool_sizes"]
+__all__ = [
+    "Call",
+    "TierPool",
+    "actor_options",
+    "placeable_options",
+    "cpus_needed",
+    "plan_grid",
+    "plan_pools",
+    "pool_groups",
+    "pool_sizes",
+]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
 class Call:
-    """One message on its way through a tier's pool, and the actor call that answers it."""
+    """One message, or a cohort of train messages of one tier, on its way through a tier's pool, and the
+    actor call that answers it (one reply per message)."""
 
-    message: Message
+    messages: list[Message]
     pool: TierPool
     actor: Any = None
     ref: Any = None
@@ -29,8 +43,16 @@ class Call:
     """When the call began to run; ``None`` while it waits for its actor or for the call ahead of it."""
 
     @property
+    def message(self) -> Message:
+        return self.messages[0]
+
+    @property
     def mid(self) -> str:
         return self.message.metadata.message_id
+
+    @property
+    def mids(self) -> list[str]:
+        return [m.metadata.message_id for m in self.messages]
 
 
 @dataclass
@@ -94,9 +116,9 @@ def pool_groups(
 
     One pool per tier (:func:`pool_sizes`), unless those pools need more CPUs than ``total_cpus`` (more
     tiers than cores: each tier gets at least one actor). Then the CPU tiers that ask for the same
-    resources (``num_cpus``, ``memory_mb``) share one pool, sized by their combined share, so the machine
-    runs as many actors as it has CPUs for instead of more processes than cores. GPU tiers,
-    ``actors_per_tier`` and ``share=False`` keep one pool per tier.
+    resources (``num_cpus``, ``memory_mb``, custom ``resources``) share one pool, sized by their combined
+    share, so the machine runs as many actors as it has CPUs for instead of more processes than cores. GPU
+    tiers, ``actors_per_tier`` and ``share=False`` keep one pool per tier.
     """
     sizes = pool_sizes(tiers, total_cpus, actors_per_tier)
     singles = [[i] for i in range(len(tiers))]
@@ -104,7 +126,10 @@ def pool_groups(
         return singles, sizes
     keys: dict[tuple, list[int]] = {}
     for i, t in enumerate(tiers):
-        same = ("cpu", float(t.num_cpus), getattr(t, "memory_mb", None)) if not t.num_gpus else ("tier", i)
+        resources = tuple(sorted(custom_resources(t).items()))
+        same = ("cpu", float(t.num_cpus), getattr(t, "memory_mb", None), resources)
+        if t.num_gpus:
+            same = ("tier", i)
         keys.setdefault(same, []).append(i)
     groups = list(keys.values())
     group_sizes = []
@@ -125,3 +150,54 @@ def plan_grid(cfg: Any) -> tuple[list[list[int]], list[int], int]:
     groups, sizes = pool_groups(tiers, cpus, cfg.ray.actors_per_tier, share=not cfg.ray.address)
     need = cpus_needed([tiers[group[0]] for group in groups], sizes)
     return groups, sizes, math.ceil(max(cpus, need) - 1e-9)
+
+
+def actor_options(tier: Any) -> dict[str, Any]:
+    """The Ray resource request of one actor of ``tier``: ``num_cpus``, ``num_gpus``, ``memory`` and the
+    tier's custom ``resources``."""
+    options: dict[str, Any] = {"num_cpus": float(tier.num_cpus), "num_gpus": float(tier.num_gpus)}
+    memory_mb = getattr(tier, "memory_mb", None)
+    if memory_mb:
+        options["memory"] = int(memory_mb * 2**20)
+    resources = custom_resources(tier)
+    if resources:
+        options["resources"] = resources
+    return options
+
+
+def custom_resources(tier: Any) -> dict[str, float]:
+    """The Ray custom resources each actor of ``tier`` asks for (``devices.tiers[i].resources``)."""
+    return {str(name): float(amount) for name, amount in (getattr(tier, "resources", None) or {}).items()}
+
+
+def placeable_options(pool: TierPool) -> dict[str, Any]:
+    """The options a new actor of ``pool`` starts with.
+
+    A custom resource that the live nodes of the cluster no longer have (enough of), e.g. because the
+    nodes started with it died, is dropped from the pool's options for the rest of the run, with one warning:
+    its actors then start on the surviving nodes instead of waiting for the resource forever. Ray is only
+    asked when the pool has custom resources.
+    """
+    wanted = pool.options.get("resources")
+    if wanted:
+        import ray
+
+        gone = vanished_resources(wanted, ray.cluster_resources())
+        if gone:
+            kept = {name: amount for name, amount in wanted.items() if name not in gone}
+            if kept:
+                pool.options["resources"] = kept
+            else:
+                del pool.options["resources"]
+            logger.warning(
+                "fedeq: warning: pool %s: Ray custom resource %s is gone from the cluster (its nodes died or "
+                "were never started); starting the pool's actors on the other nodes",
+                pool.name,
+                ", ".join(f"{name}={wanted[name]:g}" for name in gone),
+            )
+    return dict(pool.options)
+
+
+def vanished_resources(wanted: dict[str, float], cluster: dict[str, float]) -> list[str]:
+    """The names in ``wanted`` whose amount exceeds the cluster's total ``cluster`` of that resource."""
+    return [name for name, amount in wanted.items() if float(cluster.get(name, 0.0)) < amount - 1e-9]

@@ -10,8 +10,9 @@ from typing import Any
 
 import psutil
 import ray
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
+from flwr.app import Context, Message, RecordDict
+
+from fedeq.devices.faults import exception_reply
 
 __all__ = ["ClientWorker", "process_memory"]
 
@@ -27,6 +28,14 @@ def process_memory() -> dict[str, int | None]:
     return {"rss_bytes": rss, "peak_rss_bytes": peak_bytes or None}
 
 
+def _load(ref: str) -> Any:
+    """The object that a ``module:attribute`` reference names."""
+    import importlib
+
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 @ray.remote
 class ClientWorker:
     """A long-lived process that runs the ClientApp for any node of its tier.
@@ -34,14 +43,14 @@ class ClientWorker:
     The run config is sent once, when the actor starts, not with every call.
     """
 
-    def __init__(self, app_ref: str, num_threads: int, run_config: dict | None = None) -> None:
-        import importlib
-
+    def __init__(
+        self, app_ref: str, num_threads: int, run_config: dict | None = None, cohort_ref: str | None = None
+    ) -> None:
         import torch
 
         torch.set_num_threads(max(1, num_threads))
-        module, _, attr = app_ref.partition(":")
-        self.app = getattr(importlib.import_module(module), attr)
+        self.app = _load(app_ref)
+        self.cohort = _load(cohort_ref) if cohort_ref else None
         self.run_config = dict(run_config or {})
         self.states: dict[int, RecordDict] = {}
         self.calls = 0
@@ -57,25 +66,49 @@ class ClientWorker:
         function, args = setup
         return function(*args)
 
-    def handle(self, message: Message, node_id: int, node_config: dict, run_id: int) -> Message:
-        t0, c0 = time.perf_counter(), time.process_time()
+    def _context(self, node_id: int, node_config: dict, run_id: int) -> Context:
         state = self.states.setdefault(node_id, RecordDict())
-        context = Context(
+        return Context(
             run_id=run_id, node_id=node_id, node_config=node_config, state=state, run_config=self.run_config
         )
+
+    def _run_app(self, message: Message, context: Context) -> Message:
         try:
             return self.app(message, context)
         except Exception as err:  # noqa: BLE001 - a client failure becomes an error reply
-            return Message(
-                Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}"), reply_to=message
-            )
+            return exception_reply(message, err)
+
+    def handle(self, message: Message, node_id: int, node_config: dict, run_id: int) -> Message:
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            return self._run_app(message, self._context(node_id, node_config, run_id))
         finally:
-            elapsed = time.perf_counter() - t0
-            self.calls += 1
-            self.busy_s += elapsed
-            self.cpu_s += time.process_time() - c0
-            if self.first_call_s is None:
-                self.first_call_s = elapsed
+            self._count(1, t0, c0)
+
+    def handle_cohort(
+        self, messages: list[Message], node_ids: list[int], node_configs: list[dict], run_id: int
+    ) -> list[Message]:
+        """Answer several train messages of one tier with the cohort handler (``cohort_ref``); if it
+        raises, every message gets the error reply."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        contexts = [self._context(n, c, run_id) for n, c in zip(node_ids, node_configs, strict=True)]
+        try:
+            if self.cohort is None:
+                return [self._run_app(m, c) for m, c in zip(messages, contexts, strict=True)]
+            try:
+                return list(self.cohort(messages, contexts, self._run_app))
+            except Exception as err:  # noqa: BLE001 - a failure of the cohort becomes error replies
+                return [exception_reply(m, err) for m in messages]
+        finally:
+            self._count(len(messages), t0, c0)
+
+    def _count(self, calls: int, t0: float, c0: float) -> None:
+        elapsed = time.perf_counter() - t0
+        self.calls += calls
+        self.busy_s += elapsed
+        self.cpu_s += time.process_time() - c0
+        if self.first_call_s is None:
+            self.first_call_s = elapsed
 
     def stats(self) -> dict[str, Any]:
         """Calls served, wall and CPU seconds spent inside the ClientApp, this process's memory (bytes)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from flwr.app import ArrayRecord
 
@@ -25,7 +25,15 @@ from strategies.guard import ReplyGuard
 
 from .base import RoundCallback
 
-__all__ = ["Checkpointing"]
+__all__ = ["Checkpointing", "LoopState"]
+
+
+class LoopState(Protocol):
+    """State of a round loop beyond the strategy's (e.g. the asynchronous loop's calls in flight)."""
+
+    def capture(self) -> dict[str, Any]: ...
+
+    def restore(self, state: Mapping[str, Any]) -> None: ...
 
 
 def _owned_by(lists: Mapping[str, Any], owner: str) -> dict[str, Any]:
@@ -38,16 +46,26 @@ class Checkpointing(RoundCallback):
     """Write ``checkpoint.pkl`` and the round's ``checkpoint.journal`` record after every round.
 
     The strategy and the RNG states are captured at the round's end, before the next round touches them;
-    the checkpoint is written once the round's results are recorded (so this callback comes last).
+    the checkpoint is written once the round's results are recorded (so this callback comes last). A
+    ``loop`` state is captured at the round's end too and restored by :meth:`resume`.
     """
 
-    def __init__(self, out_dir: Path, strategy: ReplyGuard, recorder: RunRecorder, book: RoundBook) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        strategy: ReplyGuard,
+        recorder: RunRecorder,
+        book: RoundBook,
+        loop: LoopState | None = None,
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.strategy = strategy
         self.recorder = recorder
         self.book = book
+        self.loop = loop
         self.journal = Journal(self.out_dir)
         self._captured: dict[int, tuple[bytes, dict[str, list[Any]], dict[str, int], dict[str, Any]]] = {}
+        self._loop_states: dict[int, dict[str, Any]] = {}
 
     def start_fresh(self) -> None:
         """Forget a journal left in a reused output folder by an earlier run."""
@@ -66,6 +84,10 @@ class Checkpointing(RoundCallback):
         self.journal.lengths = {name: len(items) for name, items in lists.items()}
         self.book.cum_sim = state["cum_sim"]
         set_rng_state(state["rng"])
+        if self.loop is not None:
+            if "loop" not in state:
+                raise ValueError(f"--resume: {self.out_dir} was not checkpointed by this kind of run")
+            self.loop.restore(state["loop"])
         return int(state["round"]), record_from_numpy(state["arrays"])
 
     def on_round_end(self, server_round: int, arrays: ArrayRecord) -> None:
@@ -74,6 +96,8 @@ class Checkpointing(RoundCallback):
         tails = self.journal.take({f"strategy.{k}": v for k, v in lists.items()})
         lengths = {name: self.journal.lengths[name] for name in tails}
         self._captured[server_round] = (snapshot, tails, lengths, rng_state())
+        if self.loop is not None:
+            self._loop_states[server_round] = self.loop.capture()
 
     def after_round(self, server_round: int, arrays: ArrayRecord, metrics: Mapping[str, Any]) -> None:
         if server_round not in self._captured:  # round 0: the initial model, nothing to keep
@@ -84,16 +108,16 @@ class Checkpointing(RoundCallback):
         tails.update(self.journal.take(rows))
         lengths.update({name: self.journal.lengths[name] for name in rows})
         self.journal.append(server_round, tails)
-        save_checkpoint(
-            self.out_dir,
-            {
-                "round": server_round,
-                "arrays": record_to_numpy(arrays),
-                "strategy": snapshot,
-                "recorder": rec,
-                "cum_sim": self.book.cum_sim,
-                "rng": rng,
-                "journal": lengths,
-            },
-        )
+        state = {
+            "round": server_round,
+            "arrays": record_to_numpy(arrays),
+            "strategy": snapshot,
+            "recorder": rec,
+            "cum_sim": self.book.cum_sim,
+            "rng": rng,
+            "journal": lengths,
+        }
+        if server_round in self._loop_states:
+            state["loop"] = self._loop_states.pop(server_round)
+        save_checkpoint(self.out_dir, state)
         return None
