@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,37 +29,19 @@ class AsyncRoundBook(RoundBook):
         self.update_time[version] = float(sim_time)
         self.reply_extras[version] = list(extras)
 
-    def close_round(self, server_round: int, evals: Mapping[str, Any]) -> dict[str, Any]:
-        """Record the row of update ``server_round``: ``sim_time_s`` is the simulated time since the previous
-        update, ``cum_sim_time_s`` the time of this one; ``staleness_mean``/``staleness_max`` are over its
-        accepted replies."""
-        clients = self.client_rows(server_round)
-        extras = self.reply_extras.pop(server_round, [])
-        for row, extra in zip(clients, extras, strict=False):
+    def round_sim_time(
+        self, server_round: int, clients: list[dict[str, Any]], counts: Mapping[str, int]
+    ) -> float:
+        """Simulated seconds since the previous update: this update is made when the reply that filled
+        the buffer arrives. The update's reply columns are added to its client rows here."""
+        for row, extra in zip(clients, self.reply_extras.pop(server_round, []), strict=False):
             row.update(extra)
-        t = self.update_time.pop(server_round, self.cum_sim)
-        sim, self.cum_sim = t - self.cum_sim, t
-        counts = self.strategy.round_counts.get(server_round, {})
+        return self.update_time.pop(server_round, self.cum_sim) - self.cum_sim
+
+    def extra_columns(self, clients: list[dict[str, Any]]) -> dict[str, Any]:
+        """``staleness_mean`` / ``staleness_max`` over the update's accepted replies."""
         stale = [float(c["staleness"]) for c in clients if c["status"] == "ok" and "staleness" in c]
-        now = time.perf_counter()
-        n_sent = len(clients) - int(counts.get("offline", 0))
-        n_ok = int(counts.get("ok", 0))
-        row = {
-            "round": server_round,
-            "wall_s": now - self.t_last,
-            "sim_time_s": sim,
-            "cum_sim_time_s": t,
-            **evals,
-            "bytes_up": n_ok * self.model_bytes,
-            "bytes_down": n_sent * self.model_bytes,
-            "clients_ok": n_ok,
-            "clients_failed": int(counts.get("failed", 0)),
-            "clients_rejected": int(counts.get("rejected", 0)),
-            "clients_offline": int(counts.get("offline", 0)),
-            "clients_dropped": int(counts.get("dropped", 0)),
+        return {
             "staleness_mean": sum(stale) / len(stale) if stale else None,
             "staleness_max": max(stale) if stale else None,
         }
-        self.t_last = now
-        self.recorder.add_round(row, clients)
-        return row

@@ -88,11 +88,7 @@ class RoundBook:
         the round's row."""
         clients = self.client_rows(server_round)
         counts = self.strategy.round_counts.get(server_round, {})
-        sims = [c["sim_time_s"] for c in clients if c["status"] == "ok" and c["sim_time_s"] is not None]
-        sim = max(sims) if sims else 0.0
-        deadline = self.devices.deadline_s
-        if deadline is not None and (counts.get("dropped", 0) or sim > deadline):
-            sim = deadline  # the server closes the round at the deadline
+        sim = self.round_sim_time(server_round, clients, counts)
         self.cum_sim += sim
         now = time.perf_counter()
         n_sent = len(clients) - int(counts.get("offline", 0))
@@ -110,7 +106,24 @@ class RoundBook:
             "clients_rejected": int(counts.get("rejected", 0)),
             "clients_offline": int(counts.get("offline", 0)),
             "clients_dropped": int(counts.get("dropped", 0)),
+            **self.extra_columns(clients),
         }
         self.t_last = now
         self.recorder.add_round(row, clients)
         return row
+
+    def round_sim_time(
+        self, server_round: int, clients: list[dict[str, Any]], counts: Mapping[str, int]
+    ) -> float:
+        """Simulated seconds of a synchronous round: its slowest accepted client, or the deadline when the
+        server closed the round there."""
+        sims = [c["sim_time_s"] for c in clients if c["status"] == "ok" and c["sim_time_s"] is not None]
+        sim = max(sims) if sims else 0.0
+        deadline = self.devices.deadline_s
+        if deadline is not None and (counts.get("dropped", 0) or sim > deadline):
+            sim = deadline  # the server closes the round at the deadline
+        return sim
+
+    def extra_columns(self, clients: list[dict[str, Any]]) -> dict[str, Any]:
+        """Further ``rounds.csv`` columns of a round from its client rows (none here)."""
+        return {}

@@ -4,58 +4,23 @@ memory); the parent reads the child's one tagged result line and stops whatever 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from engine_bench.runner import ChildFailed, run_tagged
+
 ENTRY = Path(__file__).resolve().parents[1] / "cohort.py"
-ROOT = ENTRY.parents[2]
 RESULT_TAG = "@@cohort-benchmark-result "
 
-
-class ChildFailed(RuntimeError):
-    """A measurement process that ended without a result (its error output is in the message)."""
+__all__ = ["ChildFailed", "child_main", "run_child"]
 
 
 def run_child(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Run :func:`cohort_bench.child.child_run` on ``spec`` in a new process (own session) and return its
-    result."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(ROOT), str(ENTRY.parent), os.environ.get("PYTHONPATH")])
-        ),
-    }
-    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    env.setdefault("RAY_DEDUP_LOGS", "0")
-    cmd = [sys.executable, str(ENTRY), "--child", json.dumps(spec)]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise ChildFailed(f"{spec.get('label', 'run')}: no result within {timeout_s:g} s") from None
-    finally:
-        try:  # Ray's processes of the child's session, if any are left
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    for line in stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return dict(json.loads(line[len(RESULT_TAG) :]))
-    raise ChildFailed(f"{spec.get('label', 'run')} failed (exit {proc.returncode}):\n{stderr[-4000:]}")
+    """Run :func:`cohort_bench.child.child_run` on ``spec`` in a new process and return its result
+    (:func:`engine_bench.runner.run_tagged`; :class:`ChildFailed` when it ends without one)."""
+    label = str(spec.get("label", "run"))
+    return run_tagged(ENTRY, ["--child", json.dumps(spec)], RESULT_TAG, label, timeout_s)
 
 
 def child_main(spec_text: str) -> None:

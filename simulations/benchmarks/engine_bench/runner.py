@@ -25,20 +25,23 @@ CHILDREN = {
 """Child kind -> ``module:function`` that measures it in the child process."""
 
 
-def run_child(kind: str, spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Run one measurement in a fresh process (its own session, so leftovers can be stopped by group)."""
+class ChildFailed(RuntimeError):
+    """A measurement process that ended without a result (its error output is in the message)."""
+
+
+def run_tagged(entry: Path, args: list[str], tag: str, label: str, timeout_s: float) -> dict[str, Any]:
+    """Run ``entry args`` in a fresh process (its own session, so leftovers can be stopped by group) and
+    return the JSON of its output line that starts with ``tag``; :class:`ChildFailed` names ``label``."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(ROOT), str(ENTRY.parent), os.environ.get("PYTHONPATH")])
+            filter(None, [str(ROOT), str(entry.parent), os.environ.get("PYTHONPATH")])
         ),
     }
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     env.setdefault("RAY_DEDUP_LOGS", "0")
-    spec = {**spec, "spawned_at": time.time()}
-    cmd = [sys.executable, str(ENTRY), "--child", kind, "--spec", json.dumps(spec)]
     proc = subprocess.Popen(
-        cmd,
+        [sys.executable, str(entry), *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -51,18 +54,25 @@ def run_child(kind: str, spec: dict[str, Any], timeout_s: float) -> dict[str, An
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        raise RuntimeError(f"{kind}: no result within {timeout_s:g} s") from None
+        raise ChildFailed(f"{label}: no result within {timeout_s:g} s") from None
     finally:
         try:  # whatever the run left behind in its session (Ray's own processes, if any)
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
     for line in stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            result = json.loads(line[len(RESULT_TAG) :])
-            result["spawned_at"] = spec["spawned_at"]
-            return result
-    raise RuntimeError(f"{kind} failed (exit {proc.returncode}):\n{stderr[-4000:]}")
+        if line.startswith(tag):
+            return dict(json.loads(line[len(tag) :]))
+    raise ChildFailed(f"{label} failed (exit {proc.returncode}):\n{stderr[-4000:]}")
+
+
+def run_child(kind: str, spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Run one measurement ``kind`` in a fresh process (:func:`run_tagged`)."""
+    spec = {**spec, "spawned_at": time.time()}
+    args = ["--child", kind, "--spec", json.dumps(spec)]
+    result = run_tagged(ENTRY, args, RESULT_TAG, kind, timeout_s)
+    result["spawned_at"] = spec["spawned_at"]
+    return result
 
 
 def child_main(kind: str, spec_text: str) -> None:
