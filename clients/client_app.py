@@ -23,6 +23,7 @@ from fedeq.data import load_client_data
 from fedeq.train import EvalStats, TrainStats, evaluate, move_to, train_local
 
 from .mods import SIM_BUDGET_KEY, TRAIN_MODS
+from .personal_app import personal_evaluate, personal_train
 from .run_setup import TRAIN_SEED, ClientCall, call_of
 
 __all__ = ["TRAIN_METRIC_KEYS", "app", "evaluate_handler", "proximal_mu", "train", "train_reply"]
@@ -55,14 +56,23 @@ def _load_arrays(model: nn.Module, message: Message) -> None:
 @app.train(mods=TRAIN_MODS)
 def train(message: Message, context: Context) -> Message:
     """Train the received global model on the local partition under this device's budgets (adversarially,
-    through the tier's DEQ settings, when ``train.adversarial`` or ``train.intermediate_states`` is set)."""
+    through the tier's DEQ settings, when ``train.adversarial`` or ``train.intermediate_states`` is set);
+    with ``personalization.method`` set, the method's schedule (:mod:`clients.personal_app`)."""
     call = call_of(message, context)
     setup, cfg, tier = call.setup, call.cfg, call.tier
+    sim_budget = message.content.config_records.get("config", {}).get(SIM_BUDGET_KEY)
+    deadline = {
+        "sim_budget_s": None if sim_budget is None else float(sim_budget),
+        "sim_cost_s": cfg.devices.nfe_cost_s / tier.speed,
+    }
+    if cfg.personalization.method != "none":
+        mu = proximal_mu(call, message)
+        sent, stats, val, extra = personal_train(message, context, call, proximal_mu=mu, **deadline)
+        return train_reply(message, call, sent, stats, val, extra)
     data = load_client_data(cfg.data, call.partition_id, call.num_partitions, cfg.seed)
     model = setup.model
     _load_arrays(model, message)
     deq = setup.deq[call.tier_index]
-    sim_budget = message.content.config_records.get("config", {}).get(SIM_BUDGET_KEY)
     stats = train_local(
         model,
         data.x_train,
@@ -73,8 +83,7 @@ def train(message: Message, context: Context) -> Message:
         seed=call.seed(TRAIN_SEED),
         device=setup.device,
         adversarial=setup.adversarial,
-        sim_budget_s=None if sim_budget is None else float(sim_budget),
-        sim_cost_s=cfg.devices.nfe_cost_s / tier.speed,
+        **deadline,
     )
     val = evaluate(model, data.x_val, data.y_val, device=setup.device, **deq)
     move_to(model, "cpu")
@@ -88,10 +97,15 @@ def proximal_mu(call: ClientCall, message: Message) -> float:
 
 
 def train_reply(
-    message: Message, call: ClientCall, state: Mapping[str, Any], stats: TrainStats, val: EvalStats
+    message: Message,
+    call: ClientCall,
+    state: Mapping[str, Any],
+    stats: TrainStats,
+    val: EvalStats,
+    extra: Mapping[str, float] | None = None,
 ) -> Message:
     """The reply to a train ``message``: the trained weights ``state`` and the metrics of
-    :data:`TRAIN_METRIC_KEYS` (the same for a client trained alone or in a cohort)."""
+    :data:`TRAIN_METRIC_KEYS` (the same for a client trained alone or in a cohort), plus ``extra`` ones."""
     metrics = {
         "num-examples": stats.num_examples,
         "train-loss": stats.loss,
@@ -107,6 +121,7 @@ def train_reply(
         "samples": stats.samples_processed,
         "local-steps": stats.steps,
         "partition-id": call.partition_id,
+        **(extra or {}),
     }
     arrays = record_from_state_dict(state)
     return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=message)
@@ -114,9 +129,12 @@ def train_reply(
 
 @app.evaluate()
 def evaluate_handler(message: Message, context: Context) -> Message:
-    """Evaluate the received global model on the local validation split at this device's budget."""
+    """Evaluate the received global model on the local validation split at this device's budget (with
+    personalization: the client's personalised model on its own test split, :mod:`clients.personal_app`)."""
     call = call_of(message, context)
     setup = call.setup
+    if setup.view.personalization.method != "none":
+        return personal_evaluate(message, context, call)
     data = load_client_data(setup.view.data, call.partition_id, call.num_partitions, setup.view.seed)
     model = setup.model
     _load_arrays(model, message)

@@ -53,6 +53,8 @@ def train_cohort_messages(
     setup = calls[0].setup
     tier_deq = setup.deq[calls[0].tier_index]
     problem = cohort_problem(setup.model, deq=tier_deq, adversarial=setup.adversarial, **setup.train)
+    if setup.view.personalization.method != "none":
+        problem = f"personalised training (personalization.method={setup.view.personalization.method})"
     if problem is not None:
         if problem not in _REPORTED:
             _REPORTED.add(problem)

@@ -64,11 +64,11 @@ class Registry(Generic[T]):
     def _load_home(self) -> None:
         if self._home_loaded:
             return
-        with self._lock:
+        with self._lock:  # another thread waits here until the built-ins are registered
             if not self._home_loaded:
-                self._home_loaded = True
                 assert self.home is not None
-                importlib.import_module(self.home)
+                importlib.import_module(self.home)  # a nested lookup during the import re-enters here
+                self._home_loaded = True
 
     @overload
     def register(self, name: str) -> Callable[[T], T]: ...
@@ -149,6 +149,7 @@ DATASETS: Registry[Any] = Registry("dataset", home="fedeq.data.datasets")
 PARTITIONERS: Registry[Any] = Registry("partitioner", home="fedeq.data.partition")
 QUALITY: Registry[Any] = Registry("quality function", home="strategies.quality")
 ENGINES: Registry[Any] = Registry("engine", home="fedeq.engines")
+PERSONALIZATION: Registry[Any] = Registry("personalization method", home="fedeq.personal")
 
 
 # ---------------------------------------------------------------------------------------------

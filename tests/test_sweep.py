@@ -235,3 +235,29 @@ def test_a_small_sweep_end_to_end(tmp_path: Path, capsys: Any) -> None:
     assert (out / "runs" / "name=quality" / "seed-0" / "global_model.pt").is_file()
     assert main(argv) == 0  # everything finished: nothing runs again
     assert capsys.readouterr().out.count("finished earlier") == 2
+
+
+def test_plot_studies_draws_several_sweeps_in_one_figure(tmp_path: Path) -> None:
+    """``simulations/plot_studies.py``: one line per grid point of every sweep, a sweep with one point named
+    by its label; a folder without ``sweep.csv`` exits 2."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_studies", ROOT / "simulations" / "plot_studies.py")
+    assert spec is not None and spec.loader is not None
+    plot_studies = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_studies)
+    for name, points in [("methods", ["name=fedavg", "name=fedprox"]), ("bound", ["base"])]:
+        rows = []
+        for p, point in enumerate(points):
+            for seed in (0, 1):
+                run_dir = f"runs/{point}/seed-{seed}"
+                _fake_run(tmp_path / name / run_dir, [0.5 + 0.1 * p, 0.6 + 0.1 * p + 0.01 * seed])
+                rows.append({"point": point, "seed": seed, "status": "done", "run_dir": run_dir})
+        pd.DataFrame(rows).to_csv(tmp_path / name / "sweep.csv", index=False)
+    runs = plot_studies.sweep_folder_runs(tmp_path / "methods", None)
+    runs += plot_studies.sweep_folder_runs(tmp_path / "bound", "upper bound")
+    assert sorted({r.point for r in runs}) == ["name=fedavg", "name=fedprox", "upper bound"]
+    out = tmp_path / "fig.png"
+    argv = [str(out), str(tmp_path / "methods"), f"{tmp_path / 'bound'}=upper bound", "--axis", "round"]
+    assert plot_studies.main(argv) == 0 and out.stat().st_size > 1000
+    assert plot_studies.main([str(out), str(tmp_path / "nowhere")]) == 2

@@ -60,6 +60,7 @@ def check_model(cfg: Any, splits: DatasetSplits) -> None:
             f"the model factory refused its options ({type(exc).__name__}: {' '.join(str(exc).split())})"
         )
         raise ConfigError(key, problem, "options the model factory accepts", got) from None
+    check_personal_modules(cfg, model)
     if getattr(cfg.train, "intermediate_states", False):
         from fedeq.train.intermediate import check_intermediate_states
 
@@ -73,3 +74,21 @@ def check_model(cfg: Any, splits: DatasetSplits) -> None:
             raise ConfigError(
                 "train.intermediate_states", f"not supported by model {cfg.model.name!r}", allowed, True
             ) from None
+
+
+def check_personal_modules(cfg: Any, model: Any) -> None:
+    """``personalization.personal_modules`` must name modules of the model that leave something shared
+    (for the methods that keep a personal head), else a :class:`ConfigError` naming the key."""
+    from fedeq.personal import get_method, personal_keys
+
+    settings = cfg.personalization
+    if get_method(settings.method).shares != "body":
+        return
+    try:
+        personal_keys(model, settings.personal_modules)
+    except ValueError as exc:
+        problem = str(exc).split(": ", 1)[-1].split("; allowed: ")[0]
+        allowed = str(exc).split("; allowed: ")[-1] if "; allowed: " in str(exc) else "modules of the model"
+        raise ConfigError(
+            "personalization.personal_modules", problem, allowed, settings.personal_modules
+        ) from None

@@ -95,6 +95,8 @@ def cohort_text(cfg: Any, model: Any) -> str:
         randomize_budget=train.randomize_budget,
         adversarial=adversarial_from_config(train),
     )
+    if cfg.personalization.method != "none":
+        problem = f"personalised training (personalization.method={cfg.personalization.method})"
     if problem is not None:
         return f"not vectorized, one client per call: {problem}"
     if size == "auto":
@@ -123,21 +125,24 @@ def _table(rows: list[list[str]]) -> list[str]:
 
 def plan_text(cfg: Any, out: Path | None = None) -> str:
     """The plan of ``cfg`` (a validated config) as text; ``out`` is the folder the run would write."""
+    from fedeq.arrays import record_from_state_dict
     from fedeq.data import client_dataset, partition_sizes
     from fedeq.models import build_model, num_parameters
-    from fedeq.server.app import evaluate_fraction
+    from fedeq.server.app import evaluate_fraction, shared_arrays
 
     splits = client_dataset(cfg.data, cfg.seed)
     sizes = partition_sizes(cfg.data, cfg.num_clients, cfg.seed)
     model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.model)
     nbytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    shared = shared_arrays(cfg, model).count_bytes()
+    whole = record_from_state_dict(model.state_dict()).count_bytes()
     evaluate = evaluate_fraction(cfg)
     engine_line, resources = engine_plan(cfg)
     lines = [
         "dry run: the config is valid; nothing was started or written",
         f"rounds    {cfg.rounds}, {cfg.clients_per_round} of {cfg.num_clients} clients per round, "
         f"strategy {cfg.strategy.name}, federated evaluation "
-        + (f"on {evaluate:g} of the clients" if evaluate > 0 else "off"),
+        + (f"on {evaluate:.0%} of the clients" if evaluate > 0 else "off"),
         f"model     {cfg.model.name}: {num_parameters(model):,} parameters ({nbytes:,} bytes per transfer)",
         f"data      {cfg.data.name}: {len(splits.y_train):,} training / {len(splits.y_test):,} test "
         f"examples, input {tuple(splits.input_shape)}, {splits.num_classes} classes",
@@ -145,6 +150,12 @@ def plan_text(cfg: Any, out: Path | None = None) -> str:
         "training examples per client (min / median / max)",
         f"engine    {engine_line}",
     ]
+    if cfg.personalization.method != "none":
+        method = cfg.personalization.method
+        lines.append(
+            f"personal  {method}: {shared:,} of the {whole:,} bytes travel each way, the rest stays on the "
+            f"devices; every client is evaluated on its own test split ({cfg.data.client_test_fraction:g})"
+        )
     if cfg.engine == "ray":
         lines.append(f"cohorts   {cohort_text(cfg, model)}")
     if out is not None:

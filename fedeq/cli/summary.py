@@ -32,6 +32,9 @@ def summary_table(report: RunReport) -> Table:
     calls = ", ".join(f"{s} {n}" for s, n in report.calls.items())
     empty = ", ".join(map(str, report.empty_rounds)) or "none"
     table.add_row("test accuracy", f"final {_acc(report.final_test_acc)}, best {best}")
+    if report.final_personal_acc is not None:
+        mean, worst = _acc(report.final_personal_acc), _acc(report.final_personal_worst10)
+        table.add_row("personalised accuracy", f"final mean {mean}, worst 10% of clients {worst}")
     table.add_row("rounds", f"{report.rounds_done}{planned}")
     table.add_row("wall time", f"{report.wall_s_rounds:.1f} s in rounds{session}")
     table.add_row("simulated time", f"{report.sim_time_s:.2f} s")

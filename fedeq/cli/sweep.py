@@ -162,6 +162,9 @@ def _run_line(folder: Path) -> str:
     line = f"final {_acc(report.final_test_acc)}, best {_acc(report.best_test_acc)}"
     if report.best_round is not None:
         line += f" (round {report.best_round})"
+    if report.final_personal_acc is not None:
+        worst = _acc(report.final_personal_worst10)
+        line += f", personalised {_acc(report.final_personal_acc)} (worst 10% {worst})"
     failure = report.failure()
     return f"{line}; {failure}" if failure else line
 

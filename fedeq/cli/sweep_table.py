@@ -33,6 +33,16 @@ def _bytes(row: Any) -> str:
     return text if half is None or not math.isfinite(half) else f"{text} ± {decimal(int(half))}"
 
 
+PERSONAL_COLUMNS = [
+    ("personal acc", "final_personal_acc", "{:.4f}", 1.0),
+    ("worst 10% of clients", "final_personal_worst10", "{:.4f}", 1.0),
+    ("global acc on client splits", "final_global_acc_clients", "{:.4f}", 1.0),
+    ("kB per round", "bytes_per_round", "{:.1f}", 1e3),
+    ("peak train MB", "peak_train_mem_mb", "{:.3f}", 1.0),
+]
+"""The columns a sweep of personalised runs shows in place of the tiers' (label, metric, format, scale)."""
+
+
 def sweep_table(summary: pd.DataFrame, target: float) -> Table:
     """``summary.csv`` as a rich table: one row per grid point, means ± 95% interval half-widths
     ("reached": the seeds that reached the target of all seeds that finished)."""
@@ -55,8 +65,11 @@ def sweep_table(summary: pd.DataFrame, target: float) -> Table:
     tiers = [
         c[: -len("_mean")] for c in summary.columns if c.startswith("final_acc@") and c.endswith("_mean")
     ]
-    for tier in tiers:
-        table.add_column(f"final acc at {tier[10:]}'s budget", overflow="fold")
+    extra = [(f"final acc at {tier[10:]}'s budget", tier, "{:.4f}", 1.0) for tier in tiers]
+    if "final_personal_acc_mean" in summary.columns:  # personalised runs: their own numbers instead
+        extra = PERSONAL_COLUMNS
+    for name, *_ in extra:
+        table.add_column(name, overflow="fold")
     for row in summary.to_dict("records"):
         table.add_row(
             str(row["point"]),
@@ -66,7 +79,7 @@ def sweep_table(summary: pd.DataFrame, target: float) -> Table:
             _pm(row, "rounds_to_target", "{:.1f}"),
             _pm(row, "sim_time_to_target_s", "{:.2f}"),
             _bytes(row),
-            *(_pm(row, tier) for tier in tiers),
+            *(_pm(row, metric, fmt, scale) for _, metric, fmt, scale in extra),
         )
     return table
 

@@ -34,6 +34,9 @@ class DataConfig(Section):
     """Share of the examples held out for testing when the source has no test split of its own."""
     val_fraction: Float = Field(0.1, ge=0, lt=1)
     """Share of each client's examples kept for local validation."""
+    client_test_fraction: Float = Field(0.0, ge=0, lt=0.9)
+    """Share of each client's examples held out as its own test split (0: none); personalised methods
+    (``personalization.method``) report every client's accuracy on it."""
     server_val_fraction: Float = Field(0.0, ge=0, lt=0.5)
     """Share of the training split held by the server as its validation split (0: none), carved out
     before partitioning and never given to a client; read by the ``server_val`` quality function."""

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 from fedeq.config.data import DataConfig
 from fedeq.config.model_factory import check_model_kwargs, check_model_name
+from fedeq.config.personalization import PersonalizationConfig
 from fedeq.config.rules import Float, Int, Section, StrKeys, check_range, problem, registered_name
 from fedeq.config.tiers import DevicesConfig, check_client_ids
 from fedeq.registry import ENGINES
@@ -287,6 +288,7 @@ class FedeqConfig(Section):
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     faults: FaultConfig = Field(default_factory=FaultConfig)
+    personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
     # ``async`` is a Python keyword: the section is declared through the class namespace (read it with
     # ``getattr(cfg, "async")``), so that its keys are ``async.buffer_size``, ... as everywhere else.
     __annotations__["async"] = "AsyncConfig"
@@ -314,6 +316,7 @@ class FedeqConfig(Section):
             at = ("strategy", "min_available_nodes")
             check_range(self.strategy.min_available_nodes, 1, n, integer=True, at=at)
         check_client_ids(self.devices.tiers, n, at=("devices", "tiers"))
+        self._check_personalization()
         if self.aggregation == "async":
             section: AsyncConfig = getattr(self, "async")
             check_range(section.buffer_size, 1, n, integer=True, at=("async", "buffer_size"))
@@ -328,3 +331,19 @@ class FedeqConfig(Section):
                     at=("strategy", "fraction_evaluate"),
                 )
         return self
+
+    def _check_personalization(self) -> None:
+        method = self.personalization.method
+        if method == "none":
+            return
+        if self.data.client_test_fraction <= 0:
+            raise problem(
+                f"personalization.method={method} evaluates every client on its own test split, which is off",
+                "a fraction in (0, 1), e.g. 0.2",
+                got=self.data.client_test_fraction,
+                at=("data", "client_test_fraction"),
+            )
+        if self.aggregation == "async":
+            raise problem(
+                "personalised methods run with synchronous rounds", "sync", got="async", at=("aggregation",)
+            )

@@ -128,12 +128,15 @@ def _partition_cached(
 
 @dataclass
 class ClientData:
-    """One client's local train/validation arrays."""
+    """One client's local train/validation arrays (and its own test split, empty unless
+    ``data.client_test_fraction > 0``)."""
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_val: np.ndarray
     y_val: np.ndarray
+    x_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
 
     @property
     def num_train(self) -> int:
@@ -267,12 +270,14 @@ def uninstall_partitions() -> None:
 
 
 def load_client_data(data_cfg: Any, partition_id: int, num_partitions: int, seed: int) -> ClientData:
-    """Return partition ``partition_id`` of the training split, divided into local train/validation.
+    """Return partition ``partition_id`` of the training split, divided into local train/validation/test.
 
     ``data_cfg`` needs attributes ``name, path, test_path, test_fraction, partition, alpha,
-    labels_per_client, val_fraction`` (optionally ``min_partition_size``). The validation split is
-    seeded by ``seed + partition_id`` and holds at least one example when the partition has two or more
-    (and ``val_fraction > 0``).
+    labels_per_client, val_fraction`` (optionally ``min_partition_size`` and ``client_test_fraction``). The
+    split is one permutation seeded by ``seed + partition_id``: its first ``val_fraction`` is the validation
+    split (at least one example when the partition has two or more and ``val_fraction > 0``), its last
+    ``client_test_fraction`` the client's own test split (at least one example when the fraction is
+    positive), the rest trains; at least one example always trains.
     """
     pid = int(partition_id)
     if not 0 <= pid < int(num_partitions):
@@ -282,18 +287,24 @@ def load_client_data(data_cfg: Any, partition_id: int, num_partitions: int, seed
     val_fraction = float(_cfg(data_cfg, "val_fraction", 0.0))
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
+    test_fraction = float(_cfg(data_cfg, "client_test_fraction", 0.0) or 0.0)
     n = int(idx.shape[0])
-    n_val = 0
-    if val_fraction > 0.0 and n >= 2:
-        n_val = min(max(1, int(round(n * val_fraction))), n - 1)
+    n_val = n_test = 0
+    if test_fraction > 0.0 and n >= 2:
+        n_test = min(max(1, int(round(n * test_fraction))), n - 1)
+    if val_fraction > 0.0 and n - n_test >= 2:
+        n_val = min(max(1, int(round(n * val_fraction))), n - n_test - 1)
     perm = np.random.default_rng(int(seed) + pid).permutation(n)
     val_idx = np.sort(idx[perm[:n_val]])
-    train_idx = np.sort(idx[perm[n_val:]])
+    train_idx = np.sort(idx[perm[n_val : n - n_test]])
+    test_idx = np.sort(idx[perm[n - n_test :]]) if n_test else None
     return ClientData(
         x_train=splits.x_train[train_idx],
         y_train=splits.y_train[train_idx],
         x_val=splits.x_train[val_idx],
         y_val=splits.y_train[val_idx],
+        x_test=None if test_idx is None else splits.x_train[test_idx],
+        y_test=None if test_idx is None else splits.y_train[test_idx],
     )
 
 

@@ -186,6 +186,37 @@ def _sim_time_figure(run: RunView) -> Figure:
     return fig
 
 
+def _personal_figure(run: RunView) -> Figure:
+    """The clients' personalised accuracy per round (mean and worst 10%) next to the global model's."""
+    rounds = run.rounds.dropna(subset=["personal_acc"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    lines = [
+        ("personal_acc", "personalised, mean over clients", {"color": "C0", "marker": "o"}),
+        ("personal_acc_worst10", "personalised, worst 10% of clients", {"color": "C3", "marker": "v"}),
+        ("global_acc_clients", "global model on the clients' test splits", {"color": "C2", "marker": "s"}),
+    ]
+    values: list[float] = []
+    for col, label, style in lines:
+        if col in rounds and rounds[col].notna().any():
+            ax.plot(rounds["round"], rounds[col], label=label, **style)
+            values += list(rounds[col].dropna())
+    if "test_acc" in run.rounds:
+        ax.plot(
+            run.rounds["round"],
+            run.rounds["test_acc"],
+            color="C7",
+            linestyle="--",
+            label="global model, central test split",
+        )
+        values += list(run.rounds["test_acc"].dropna())
+    _round_axis(ax, "round")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(*accuracy_limits(values))
+    ax.legend(fontsize=7)
+    fig.suptitle(f"{run.name}: personalised accuracy per round")
+    return fig
+
+
 def _solver_figure(run: RunView, means: Mapping[str, pd.DataFrame]) -> Figure:
     fig, axes = plt.subplots(2, 1, figsize=(6.4, 6.0), sharex=True)
     order = list(run.tier_budgets) + [t for t in means if t not in run.tier_budgets]
@@ -245,6 +276,8 @@ def build_figures(run: RunView) -> dict[str, Figure]:
         figs["accuracy.png"] = _accuracy_figure(run)
         if "cum_sim_time_s" in rounds and rounds["cum_sim_time_s"].notna().any():
             figs["accuracy_vs_sim_time.png"] = _sim_time_figure(run)
+    if "personal_acc" in run.rounds and run.rounds["personal_acc"].notna().any():
+        figs["personal_accuracy.png"] = _personal_figure(run)
     means = tier_means(run.clients, list(run.tier_budgets))
     if means:
         figs["solver_per_tier.png"] = _solver_figure(run, means)

@@ -36,6 +36,9 @@ ROUND_COLUMNS = (
     "clients_offline",
     "clients_dropped",
 )
+PERSONAL_ROUND_COLUMNS = ("personal_acc", "personal_acc_worst10", "global_acc_clients")
+"""``rounds.csv`` columns of a personalised run (``personalization.method``): the clients' accuracy on their
+own test splits (mean, mean of the worst 10%) and the global model's there, when there is one."""
 CLIENT_COLUMNS = (
     "round",
     "node_id",
@@ -197,12 +200,14 @@ class RunRecorder:
             pd.DataFrame(self.curve).to_csv(self.out_dir / "budget_curve.csv", index=False)
         data = {**self.extra, **(summary or {})}
         if len(rounds):
-            acc = rounds["test_acc"].astype(float)
+            for col in ("test_acc", *PERSONAL_ROUND_COLUMNS):
+                if col in rounds:
+                    acc = rounds[col].astype(float)
+                    data.update({f"final_{col}": _num(acc.iloc[-1]), f"best_{col}": _num(acc.max())})
+            if "test_loss" in rounds:
+                data["final_test_loss"] = _num(rounds["test_loss"].iloc[-1])
             data.update(
                 rounds_completed=int(rounds["round"].max()),
-                final_test_acc=_num(acc.iloc[-1]),
-                best_test_acc=_num(acc.max()),
-                final_test_loss=_num(rounds["test_loss"].iloc[-1]),
                 total_sim_time_s=_num(rounds["sim_time_s"].fillna(0).sum()),
                 total_bytes_up=int(rounds["bytes_up"].sum()),
                 total_bytes_down=int(rounds["bytes_down"].sum()),

@@ -42,6 +42,10 @@ class RunReport:
     """Rounds that aggregated no client update."""
     top_reason: tuple[str, str, int] | None = None
     """``(status, reason, count)`` of the most frequent reason a call was not accepted."""
+    final_personal_acc: float | None = None
+    """Personalised runs: the last round's mean accuracy of the clients on their own test splits."""
+    final_personal_worst10: float | None = None
+    """Personalised runs: the last round's mean accuracy of the worst 10% of the clients."""
 
     @property
     def accepted(self) -> int:
@@ -120,4 +124,11 @@ def read_report(out_dir: str | Path) -> RunReport:
         calls={s: int(total(f"clients_{s}")) for s in CALL_STATUSES},
         empty_rounds=tuple(int(r) for r in rounds["round"][ok == 0]) if len(ok) else (),
         top_reason=top_reason(_read_csv(out / "clients.csv")),
+        final_personal_acc=_last(rounds, "personal_acc"),
+        final_personal_worst10=_last(rounds, "personal_acc_worst10"),
     )
+
+
+def _last(rounds: pd.DataFrame, col: str) -> float | None:
+    """The last round's value of ``col`` (``None`` without the column)."""
+    return _float(rounds[col].iloc[-1]) if col in rounds and len(rounds) else None

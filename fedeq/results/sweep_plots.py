@@ -1,5 +1,6 @@
-"""PNG plots of a sweep: test accuracy against the round, the simulated time and the bytes sent, one line
-per grid point (the mean over its seeds) with its 95% confidence band (:func:`mean_curves`)."""
+"""PNG plots of a sweep: test accuracy (a personalised run: the clients' mean personalised accuracy) against
+the round, the simulated time and the bytes sent, one line per grid point (the mean over its seeds) with its
+95% confidence band (:func:`mean_curves`)."""
 
 from __future__ import annotations
 
@@ -27,11 +28,12 @@ PLOT_FILES = {
 """Axis (:data:`AXES`) -> (file name, x label)."""
 
 
-def _figure(curves: Mapping[str, pd.DataFrame], axis: str, title: str) -> Figure:
+def _figure(curves: Mapping[str, pd.DataFrame], axis: str, title: str, what: str) -> Figure:
     fig, ax = plt.subplots(figsize=(7.0, 4.4))
     values: list[float] = []
+    palette = plt.get_cmap("tab20") if len(curves) > 10 else None  # more lines than the default cycle
     for i, (point, df) in enumerate(curves.items()):
-        color = f"C{i % 10}"
+        color = palette(i % 20) if palette is not None else f"C{i % 10}"
         steps = "steps-post" if axis != "round" else "default"
         n = int(df["n"].max()) if len(df) else 0
         label = f"{point} ({n} seed{'s' if n != 1 else ''})"
@@ -53,22 +55,33 @@ def _figure(curves: Mapping[str, pd.DataFrame], axis: str, title: str) -> Figure
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if axis == "bytes":
         ax.xaxis.set_major_formatter(EngFormatter(unit="B"))
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(what)
     ax.set_ylim(*accuracy_limits(values))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.suptitle(f"{title}: test accuracy vs {label.split(' (')[0]} (mean, 95% CI over seeds)", fontsize=10)
+    fig.suptitle(f"{title}: {what} vs {label.split(' (')[0]} (mean, 95% CI over seeds)", fontsize=10)
     return fig
 
 
 def build_sweep_figures(runs: Sequence[SweepRun], title: str = "sweep") -> dict[str, Figure]:
     """The sweep's figures by file name (an axis without data has none); the caller closes them."""
     figs = {}
+    personal = any(_is_personal(run.folder) for run in runs)
+    what = "personalised accuracy (mean over clients)" if personal else "test accuracy"
     for axis in AXES:
         curves = mean_curves(runs, axis)
         if curves:
-            figs[PLOT_FILES[axis][0]] = _figure(curves, axis, title)
+            figs[PLOT_FILES[axis][0]] = _figure(curves, axis, title, what)
     return figs
+
+
+def _is_personal(folder: Path) -> bool:
+    """Whether the run in ``folder`` is personalised (its ``rounds.csv`` has ``personal_acc``)."""
+    path = Path(folder) / "rounds.csv"
+    if not path.is_file():
+        return False
+    with open(path, encoding="utf-8") as fh:
+        return "personal_acc" in fh.readline().split(",")
 
 
 def plot_sweep(out: str | Path, runs: Sequence[SweepRun]) -> list[Path]:

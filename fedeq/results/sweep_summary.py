@@ -25,6 +25,7 @@ from fedeq.results.run_report import read_report
 __all__ = [
     "AXES",
     "METRICS",
+    "PERSONAL_METRICS",
     "SweepRun",
     "mean_ci",
     "mean_curves",
@@ -38,6 +39,18 @@ __all__ = [
 
 METRICS = ("final_acc", "best_acc", "rounds_to_target", "sim_time_to_target_s", "bytes_to_target")
 """The numbers ``summary.csv`` gives a mean and interval of (plus ``final_acc@<tier>`` per tier)."""
+
+PERSONAL_METRICS = (
+    "final_personal_acc",
+    "final_personal_worst10",
+    "best_personal_acc",
+    "final_global_acc_clients",
+    "bytes_per_round",
+    "peak_train_mem_mb",
+)
+"""The further numbers of personalised runs (``personalization.method``): the clients' accuracy on their own
+test splits (last round's mean and worst-10% mean, best mean), the global model's there, the bytes per round
+(up + down) and the largest training memory of a client call (MB, :mod:`fedeq.personal.memory`)."""
 
 AXES = {"round": "round", "sim_time": "cum_sim_time_s", "bytes": "cum_bytes"}
 """Plot axis name -> column of :func:`run_curve`."""
@@ -79,7 +92,8 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 def run_curve(folder: str | Path) -> pd.DataFrame:
     """``round``, ``cum_sim_time_s``, ``cum_bytes`` (up + down) and ``test_acc`` of a run, from round 0
-    (the initial model, at time and bytes 0) when ``summary.json`` has it."""
+    (the initial model, at time and bytes 0) when ``summary.json`` has it. For a personalised run the
+    accuracy is the clients' mean personalised accuracy (``personal_acc``), from round 1."""
     folder = Path(folder)
     rounds = _read_csv(folder / "rounds.csv")
     cols = ["round", "cum_sim_time_s", "cum_bytes", "test_acc"]
@@ -92,15 +106,37 @@ def run_curve(folder: str | Path) -> pd.DataFrame:
             "round": rounds["round"].astype(int),
             "cum_sim_time_s": rounds["cum_sim_time_s"].astype(float),
             "cum_bytes": sent.cumsum().astype(float),
-            "test_acc": rounds["test_acc"].astype(float),
+            "test_acc": rounds[accuracy_column(rounds)].astype(float),
         }
     )
+    if "personal_acc" in rounds:
+        return curve
     summary = folder / "summary.json"
     initial = json.loads(summary.read_text()).get("initial_eval") if summary.is_file() else None
     if isinstance(initial, Mapping) and "test_acc" in initial:
         start = pd.DataFrame([{"round": 0, "cum_sim_time_s": 0.0, "cum_bytes": 0.0, **initial}])[cols]
         curve = pd.concat([start, curve], ignore_index=True)
     return curve
+
+
+def accuracy_column(rounds: pd.DataFrame) -> str:
+    """The accuracy a run is summarised by: ``personal_acc`` in a personalised run, else ``test_acc``."""
+    return "personal_acc" if "personal_acc" in rounds else "test_acc"
+
+
+def _personal_numbers(rounds: pd.DataFrame) -> dict[str, float]:
+    last = rounds.sort_values("round").iloc[-1]
+    numbers = {
+        "final_personal_acc": float(last["personal_acc"]),
+        "final_personal_worst10": float(last["personal_acc_worst10"]),
+        "best_personal_acc": float(rounds["personal_acc"].max()),
+        "final_global_acc_clients": float(last.get("global_acc_clients", math.nan)),
+        "bytes_per_round": float((rounds["bytes_up"] + rounds["bytes_down"]).mean()),
+        "peak_train_mem_mb": math.nan,
+    }
+    if "train_mem_peak_bytes" in rounds and rounds["train_mem_peak_bytes"].notna().any():
+        numbers["peak_train_mem_mb"] = float(rounds["train_mem_peak_bytes"].max()) / 1e6
+    return numbers
 
 
 def run_numbers(folder: str | Path, target: float) -> dict[str, Any]:
@@ -133,6 +169,8 @@ def run_numbers(folder: str | Path, target: float) -> dict[str, Any]:
         for col in rounds.columns:
             if col.startswith("test_acc@"):
                 numbers[f"final_acc@{col[9:]}"] = float(last[col])
+        if "personal_acc" in rounds:
+            numbers.update(_personal_numbers(rounds))
     return numbers
 
 
@@ -163,6 +201,7 @@ def summary_frame(sweep: pd.DataFrame, grid_keys: Sequence[str], target: float) 
     and ``<metric>_mean`` / ``<metric>_ci95`` (the interval's half-width) of every metric."""
     done = sweep[sweep["status"] == "done"] if "status" in sweep else sweep.iloc[0:0]
     tiers = [c for c in sweep.columns if c.startswith("final_acc@")]
+    tiers += [c for c in PERSONAL_METRICS if c in sweep.columns]
     rows = []
     for point in dict.fromkeys(sweep["point"]):
         first = sweep[sweep["point"] == point].iloc[0]

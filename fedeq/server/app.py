@@ -19,12 +19,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
+from fedeq.arrays import record_from_state_dict
 from fedeq.config import RUN_CONFIG_KEY, ConfigError, attribute_view, config_from_run_config, to_yaml
 from fedeq.data import client_dataset, partition_sizes, server_validation
 from fedeq.devices.assign import assign_tiers
 from fedeq.devices.clock import reply_sim_time
 from fedeq.devices.settings import tier_deq_settings
 from fedeq.models import build_model, num_parameters
+from fedeq.personal import get_method, personal_keys, select
 from fedeq.results.recorder import ASYNC_CLIENT_COLUMNS, RunRecorder, check_new_run, run_dir
 from fedeq.server.async_book import AsyncRoundBook
 from fedeq.server.async_loop import AsyncSettings, run_async, staleness_check
@@ -34,12 +36,14 @@ from fedeq.server.callbacks import (
     CentralEvaluation,
     Checkpointing,
     ConsoleReport,
+    PersonalEvaluation,
     ResultsWriter,
     RoundCallback,
     RoundRecords,
 )
 from fedeq.server.loop import run_rounds
 from fedeq.server.nodes import wait_for_nodes
+from fedeq.server.personal_book import PERSONAL_CLIENT_COLUMNS, PersonalRoundBook
 from fedeq.server.round_book import RoundBook
 from fedeq.train import resolve_device
 from strategies.guard import ReplyGuard
@@ -61,7 +65,7 @@ def strategy_for(cfg: Any) -> ReplyGuard:
     """
     n = cfg.num_clients
     min_nodes = cfg.strategy.min_available_nodes or n
-    fraction = cfg.strategy.fraction_evaluate
+    fraction = evaluate_fraction(cfg)
     # Without federated evaluation the guard sends no evaluate round; the strategy keeps its own
     # evaluate settings (Flower warns about fraction_evaluate=0.0 in every constructor call).
     evaluate: dict[str, Any] = {"fraction_evaluate": fraction, "min_evaluate_nodes": 1}
@@ -98,8 +102,23 @@ def attach_server_evaluator(guard: ReplyGuard, cfg: Any, model: torch.nn.Module,
 
 def evaluate_fraction(cfg: Any) -> float:
     """Share of the clients that evaluate the global model each round: ``strategy.fraction_evaluate``, or
-    the strategy's own ``fraction_evaluate`` given in ``strategy.kwargs`` (0: no federated evaluation)."""
+    the strategy's own ``fraction_evaluate`` given in ``strategy.kwargs`` (0: no federated evaluation);
+    every client with ``personalization.method`` set (each is scored on its own test split)."""
+    if cfg.personalization.method != "none":
+        return 1.0
     return cfg.strategy.fraction_evaluate or float(cfg.strategy.kwargs.get("fraction_evaluate") or 0)
+
+
+def shared_arrays(cfg: Any, model: torch.nn.Module) -> ArrayRecord:
+    """The arrays the server keeps and sends: the whole model, or only what ``personalization.method``
+    shares (the model without its personal modules, or nothing)."""
+    state = model.state_dict()
+    shares = get_method(cfg.personalization.method).shares
+    if shares == "body":
+        state = select(state, personal_keys(model, cfg.personalization.personal_modules), keep=False)
+    elif shares == "nothing":
+        state = {}
+    return record_from_state_dict(state)
 
 
 def seed_everything(seed: int) -> None:
@@ -166,8 +185,10 @@ def run_server(
     if not quiet:
         console.print(f"building the model: {cfg.model.name}", style="dim", soft_wrap=True, highlight=False)
     model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.model)
-    arrays = ArrayRecord(model.state_dict())
+    arrays = shared_arrays(cfg, model)
     model_bytes = arrays.count_bytes()
+    personalized = cfg.personalization.method != "none"
+    global_model = get_method(cfg.personalization.method).shares == "model"
     recorder.extra.update(
         model=cfg.model.name,
         num_parameters=num_parameters(model),
@@ -182,20 +203,32 @@ def run_server(
     if devices.deadline_s is not None and devices.deadline_policy == "drop":
         strategy.reply_checks.append(deadline_check(devices, model_bytes))
     asynchronous = cfg.aggregation == "async"
-    book_type = AsyncRoundBook if asynchronous else RoundBook
+    book_type = AsyncRoundBook if asynchronous else PersonalRoundBook if personalized else RoundBook
     book = book_type(devices, strategy, model_bytes, recorder, getattr(grid, "node_config", None))
     loop_state = AsyncState(cfg.seed) if asynchronous else None
     if asynchronous:
         recorder.client_columns = ASYNC_CLIENT_COLUMNS
         strategy.reply_checks.append(staleness_check(getattr(cfg, "async").max_staleness))
+    if personalized:
+        recorder.client_columns = PERSONAL_CLIENT_COLUMNS
+        recorder.extra["personalization"] = cfg.personalization.method
     ref = reference_tier(cfg)
     test = (model, splits.x_test, splits.y_test, device)
     curve_settings = {"solver": ref.solver, "tol": cfg.model.tol, "stop_mode": cfg.model.stop_mode}
-    checkpointing = Checkpointing(out, strategy, recorder, book, loop_state)
+    checkpointing = Checkpointing(
+        out, strategy, recorder, book, loop_state, node_states=getattr(grid, "node_states", None)
+    )
+    tier_settings = {t.name: tier_deq_settings(cfg, t) for t in tiers}
+    # Without a whole global model (personal heads, local training) there is no global test accuracy.
     callbacks: list[RoundCallback] = [
-        CentralEvaluation(*test, {t.name: tier_deq_settings(cfg, t) for t in tiers}, ref.name, recorder),
+        *([CentralEvaluation(*test, tier_settings, ref.name, recorder)] if global_model else []),
+        *([PersonalEvaluation(strategy)] if personalized else []),
         RoundRecords(book),
-        BudgetCurve(*test, cfg.eval.budgets, curve_settings, cfg.rounds, recorder),
+        *(
+            [BudgetCurve(*test, cfg.eval.budgets, curve_settings, cfg.rounds, recorder)]
+            if global_model
+            else []
+        ),
         ResultsWriter(recorder, out),
         *([] if quiet else [ConsoleReport(cfg.rounds, console)]),
         checkpointing,  # last: the checkpoint holds what the others recorded for the round

@@ -109,7 +109,7 @@ class RoundBook:
             **self.extra_columns(clients),
         }
         self.t_last = now
-        self.recorder.add_round(row, clients)
+        self.recorder.add_round(row, clients + self.evaluation_rows(server_round))
         return row
 
     def round_sim_time(
@@ -123,6 +123,10 @@ class RoundBook:
         if deadline is not None and (counts.get("dropped", 0) or sim > deadline):
             sim = deadline  # the server closes the round at the deadline
         return sim
+
+    def evaluation_rows(self, server_round: int) -> list[dict[str, Any]]:
+        """Further ``clients.csv`` rows of a round, after its train rows (none here)."""
+        return []
 
     def extra_columns(self, clients: list[dict[str, Any]]) -> dict[str, Any]:
         """Further ``rounds.csv`` columns of a round from its client rows (none here)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -101,6 +101,7 @@ def train_local(
     adversarial: AdversarialConfig | None = None,
     sim_budget_s: float | None = None,
     sim_cost_s: float = 0.0,
+    penalty: Callable[[Sequence[Tensor]], Tensor] | None = None,
 ) -> TrainStats:
     """Train ``model`` in place with cross-entropy (+ ``jac_reg``·Jacobian term + FedProx term).
 
@@ -110,7 +111,9 @@ def train_local(
     ``θ_global`` the weights at entry. ``adversarial`` (an
     :class:`~fedeq.train.adversarial.AdversarialConfig`) swaps the cross-entropy for PGD-AT / TRADES /
     random-intermediate-state losses; the attack's function evaluations are added to ``nfe_fwd`` /
-    ``nfe_bwd``. With ``sim_budget_s`` training stops once the simulated compute
+    ``nfe_bwd``. ``penalty(params)`` adds a term of the trained parameters (those with
+    ``requires_grad``, in ``model.parameters()`` order) to every step's loss, e.g. an ADMM or Ditto term.
+    With ``sim_budget_s`` training stops once the simulated compute
     ``Σ_steps (nfe_fwd + nfe_bwd)·batch·sim_cost_s`` reaches it (a device's deadline).
     """
     if adversarial is not None:
@@ -151,6 +154,8 @@ def train_local(
             total = total + jac_reg * out.aux_loss
         if anchor is not None:
             total = total + 0.5 * proximal_mu * squared_distance(params, anchor)
+        if penalty is not None:
+            total = total + penalty(params)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()

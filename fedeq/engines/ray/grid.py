@@ -36,6 +36,7 @@ from fedeq.devices.faults import timeout_reply
 from fedeq.engines.ray.actors import PoolActors
 from fedeq.engines.ray.cluster import start_ray
 from fedeq.engines.ray.cohorts import CohortSize, group_calls
+from fedeq.engines.ray.node_states import NodeStates
 from fedeq.engines.ray.pools import Call, TierPool, actor_options, pool_sizes
 from fedeq.engines.ray.worker import ClientWorker
 from fedeq.engines.run_grid import RunGrid, assign_message_id
@@ -125,6 +126,9 @@ class RayGrid(PoolActors, RunGrid):
             self.set_actor_setup(*actor_setup)
         self.pending: dict[str, Call] = {}
         self.done: dict[str, Message] = {}
+        self.node_states = NodeStates()
+        """Each node's ``context.state`` (personal tensors of personalised methods), checkpointed with the
+        run: the engine is the devices' storage."""
 
     # ------------------------------------------------------------------ Grid interface
 
@@ -228,11 +232,13 @@ class RayGrid(PoolActors, RunGrid):
             else:  # actor calls run in order: `ready` returns when the actor can take the call
                 call.ready_ref = actor.ready.remote()
         run_id = self._run.run_id
+        states = [self.node_states.get(n) for n in nodes]
         if len(nodes) == 1:
-            call.ref = actor.handle.remote(call.message, nodes[0], self.node_config(nodes[0]), run_id)
+            config = self.node_config(nodes[0])
+            call.ref = actor.handle.remote(call.message, nodes[0], config, run_id, states[0])
         else:
             configs = [self.node_config(n) for n in nodes]
-            call.ref = actor.handle_cohort.remote(call.messages, nodes, configs, run_id)
+            call.ref = actor.handle_cohort.remote(call.messages, nodes, configs, run_id, states)
         line.append(call)
 
     def _progress(self, wait_s: float) -> None:
@@ -265,7 +271,7 @@ class RayGrid(PoolActors, RunGrid):
                 if call.ref is None:  # sent back to the queue when its actor was retired in this pass
                     continue
                 try:
-                    reply = ray.get(call.ref)
+                    reply = self._result(call)
                 except _ACTOR_DIED as err:
                     self._actor_died(call, err)
                     continue
@@ -291,7 +297,7 @@ class RayGrid(PoolActors, RunGrid):
                 break
             if ray.wait([ahead.ref], num_returns=1, timeout=5.0)[0]:
                 try:
-                    reply = ray.get(ahead.ref)
+                    reply = self._result(ahead)
                 except _ACTOR_DIED:
                     pass
                 else:  # it finished before the actor died
@@ -306,6 +312,16 @@ class RayGrid(PoolActors, RunGrid):
             culprit,
             [Message(Error(ErrorCode.CLIENT_APP_CRASHED, died), reply_to=m) for m in culprit.messages],
         )
+
+    def _result(self, call: Call) -> Message | list[Message]:
+        """The replies of a finished ``call``; the states of the nodes whose call succeeded are kept."""
+        replies, states = ray.get(call.ref)
+        answers = replies if isinstance(replies, list) else [replies]
+        states = states if isinstance(states, list) else [states]
+        for msg, reply, state in zip(call.messages, answers, states, strict=True):
+            if not reply.has_error():
+                self.node_states.put(int(msg.metadata.dst_node_id), state)
+        return replies
 
     @staticmethod
     def _place_in_line(call: Call) -> int:

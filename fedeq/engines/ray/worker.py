@@ -40,7 +40,9 @@ def _load(ref: str) -> Any:
 class ClientWorker:
     """A long-lived process that runs the ClientApp for any node of its tier.
 
-    The run config is sent once, when the actor starts, not with every call.
+    The run config is sent once, when the actor starts, not with every call. A node's ``context.state``
+    comes with each call and goes back with its reply: the grid keeps it (any actor of the pool may serve
+    the node next time, and the grid checkpoints it with the run).
     """
 
     def __init__(
@@ -52,7 +54,6 @@ class ClientWorker:
         self.app = _load(app_ref)
         self.cohort = _load(cohort_ref) if cohort_ref else None
         self.run_config = dict(run_config or {})
-        self.states: dict[int, RecordDict] = {}
         self.calls = 0
         self.busy_s = 0.0
         self.cpu_s = 0.0
@@ -66,10 +67,13 @@ class ClientWorker:
         function, args = setup
         return function(*args)
 
-    def _context(self, node_id: int, node_config: dict, run_id: int) -> Context:
-        state = self.states.setdefault(node_id, RecordDict())
+    def _context(self, node_id: int, node_config: dict, run_id: int, state: RecordDict | None) -> Context:
         return Context(
-            run_id=run_id, node_id=node_id, node_config=node_config, state=state, run_config=self.run_config
+            run_id=run_id,
+            node_id=node_id,
+            node_config=node_config,
+            state=state if state is not None else RecordDict(),
+            run_config=self.run_config,
         )
 
     def _run_app(self, message: Message, context: Context) -> Message:
@@ -78,27 +82,40 @@ class ClientWorker:
         except Exception as err:  # noqa: BLE001 - a client failure becomes an error reply
             return exception_reply(message, err)
 
-    def handle(self, message: Message, node_id: int, node_config: dict, run_id: int) -> Message:
+    def handle(
+        self, message: Message, node_id: int, node_config: dict, run_id: int, state: RecordDict | None = None
+    ) -> tuple[Message, RecordDict]:
+        """The reply to ``message`` and the node's state after the call."""
         t0, c0 = time.perf_counter(), time.process_time()
+        context = self._context(node_id, node_config, run_id, state)
         try:
-            return self._run_app(message, self._context(node_id, node_config, run_id))
+            return self._run_app(message, context), context.state
         finally:
             self._count(1, t0, c0)
 
     def handle_cohort(
-        self, messages: list[Message], node_ids: list[int], node_configs: list[dict], run_id: int
-    ) -> list[Message]:
+        self,
+        messages: list[Message],
+        node_ids: list[int],
+        node_configs: list[dict],
+        run_id: int,
+        states: list[RecordDict | None] | None = None,
+    ) -> tuple[list[Message], list[RecordDict]]:
         """Answer several train messages of one tier with the cohort handler (``cohort_ref``); if it
-        raises, every message gets the error reply."""
+        raises, every message gets the error reply. Returns the replies and the nodes' states."""
         t0, c0 = time.perf_counter(), time.process_time()
-        contexts = [self._context(n, c, run_id) for n, c in zip(node_ids, node_configs, strict=True)]
+        states = states if states is not None else [None] * len(messages)
+        contexts = [
+            self._context(n, c, run_id, s) for n, c, s in zip(node_ids, node_configs, states, strict=True)
+        ]
+        after = [c.state for c in contexts]
         try:
             if self.cohort is None:
-                return [self._run_app(m, c) for m, c in zip(messages, contexts, strict=True)]
+                return [self._run_app(m, c) for m, c in zip(messages, contexts, strict=True)], after
             try:
-                return list(self.cohort(messages, contexts, self._run_app))
+                return list(self.cohort(messages, contexts, self._run_app)), after
             except Exception as err:  # noqa: BLE001 - a failure of the cohort becomes error replies
-                return [exception_reply(m, err) for m in messages]
+                return [exception_reply(m, err) for m in messages], after
         finally:
             self._count(len(messages), t0, c0)
 

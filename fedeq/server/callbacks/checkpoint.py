@@ -47,7 +47,9 @@ class Checkpointing(RoundCallback):
 
     The strategy and the RNG states are captured at the round's end, before the next round touches them;
     the checkpoint is written once the round's results are recorded (so this callback comes last). A
-    ``loop`` state is captured at the round's end too and restored by :meth:`resume`.
+    ``loop`` state (the asynchronous loop's) and ``node_states`` (the engine's store of the devices'
+    ``context.state``, :class:`~fedeq.engines.ray.node_states.NodeStates`) are captured at the round's end
+    too and restored by :meth:`resume`.
     """
 
     def __init__(
@@ -57,15 +59,17 @@ class Checkpointing(RoundCallback):
         recorder: RunRecorder,
         book: RoundBook,
         loop: LoopState | None = None,
+        node_states: LoopState | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.strategy = strategy
         self.recorder = recorder
         self.book = book
         self.loop = loop
+        self.extra_states = {"loop": loop, "node_states": node_states}
         self.journal = Journal(self.out_dir)
         self._captured: dict[int, tuple[bytes, dict[str, list[Any]], dict[str, int], dict[str, Any]]] = {}
-        self._loop_states: dict[int, dict[str, Any]] = {}
+        self._extra: dict[int, dict[str, dict[str, Any]]] = {}
 
     def start_fresh(self) -> None:
         """Forget a journal left in a reused output folder by an earlier run."""
@@ -84,10 +88,11 @@ class Checkpointing(RoundCallback):
         self.journal.lengths = {name: len(items) for name, items in lists.items()}
         self.book.cum_sim = state["cum_sim"]
         set_rng_state(state["rng"])
-        if self.loop is not None:
-            if "loop" not in state:
-                raise ValueError(f"--resume: {self.out_dir} was not checkpointed by this kind of run")
-            self.loop.restore(state["loop"])
+        if self.loop is not None and "loop" not in state:
+            raise ValueError(f"--resume: {self.out_dir} was not checkpointed by this kind of run")
+        for key, holder in self.extra_states.items():
+            if holder is not None and key in state:
+                holder.restore(state[key])
         return int(state["round"]), record_from_numpy(state["arrays"])
 
     def on_round_end(self, server_round: int, arrays: ArrayRecord) -> None:
@@ -96,8 +101,9 @@ class Checkpointing(RoundCallback):
         tails = self.journal.take({f"strategy.{k}": v for k, v in lists.items()})
         lengths = {name: self.journal.lengths[name] for name in tails}
         self._captured[server_round] = (snapshot, tails, lengths, rng_state())
-        if self.loop is not None:
-            self._loop_states[server_round] = self.loop.capture()
+        self._extra[server_round] = {
+            key: holder.capture() for key, holder in self.extra_states.items() if holder is not None
+        }
 
     def after_round(self, server_round: int, arrays: ArrayRecord, metrics: Mapping[str, Any]) -> None:
         if server_round not in self._captured:  # round 0: the initial model, nothing to keep
@@ -117,7 +123,6 @@ class Checkpointing(RoundCallback):
             "rng": rng,
             "journal": lengths,
         }
-        if server_round in self._loop_states:
-            state["loop"] = self._loop_states.pop(server_round)
+        state.update(self._extra.pop(server_round, {}))
         save_checkpoint(self.out_dir, state)
         return None

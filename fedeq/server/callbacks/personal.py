@@ -1,0 +1,47 @@
+"""Personalised accuracy of every round: each client's model on its own test split (``personalization``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ArrayRecord
+
+from fedeq.personal import personal_summary
+from strategies.guard import ReplyGuard
+
+from .base import RoundCallback
+
+__all__ = ["PersonalEvaluation", "evaluation_entries"]
+
+
+def evaluation_entries(guard: ReplyGuard, server_round: int) -> list[dict[str, Any]]:
+    """The evaluate replies of ``server_round`` that the guard accepted, in node order."""
+    log = guard.eval_client_log
+    start = len(log)
+    while start > 0 and log[start - 1]["round"] >= server_round:
+        start -= 1
+    entries = [e for e in log[start:] if e["round"] == server_round and e["status"] == "ok"]
+    return sorted(entries, key=lambda e: int(e["node_id"]))
+
+
+class PersonalEvaluation(RoundCallback):
+    """``personal_acc`` (mean over the clients of their personalised accuracy), ``personal_acc_worst10``
+    (mean of the worst 10% of clients), ``personal_clients`` (clients evaluated) and, when the whole model
+    travels, ``global_acc_clients`` (the global model on the same client test splits, mean over clients)."""
+
+    def __init__(self, guard: ReplyGuard) -> None:
+        self.guard = guard
+
+    def after_round(
+        self, server_round: int, arrays: ArrayRecord, metrics: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        if server_round == 0:
+            return None
+        entries = evaluation_entries(self.guard, server_round)
+        row: dict[str, Any] = personal_summary([float(e["personal-acc"]) for e in entries])
+        row["personal_clients"] = len(entries)
+        globals_ = [float(e["global-acc"]) for e in entries if "global-acc" in e]
+        if globals_:
+            row["global_acc_clients"] = sum(globals_) / len(globals_)
+        return row
