@@ -78,6 +78,7 @@ def personal_train(
     state = PersonalState(context.state)
     try:
         sent, stats = method.train(job, received_tensors(message), state)
+        method.load_update(job, sent)
         val = evaluate(
             job.model, job.data.x_val, job.data.y_val, device=job.train["device"], **job.train["deq"]
         )
@@ -105,6 +106,7 @@ def personal_evaluate(message: Message, context: Context, call: ClientCall) -> M
         mine = evaluate(job.model, x, y, device=device, **deq)
         metrics: dict[str, Any] = {
             "num-examples": max(mine.num_examples, 1),
+            "test-examples": mine.num_examples,
             "personal-acc": _finite(mine, "accuracy"),
             "personal-loss": _finite(mine, "loss"),
             "tier": call.tier_index,

@@ -30,7 +30,6 @@ from fedeq.engines.base import Engine
 from fedeq.engines.ray.node_states import NodeStates
 from fedeq.models import build_model
 from fedeq.personal import LocalJob, PersonalState, get_method, personal_keys, personal_summary, select
-from fedeq.personal.state import PERSONAL_PREFIX
 from fedeq.registry import ENGINES
 from fedeq.results.checkpoint import checkpoint_round, load_checkpoint
 from fedeq.server.app import run_server
@@ -222,6 +221,61 @@ def test_personal_summary_mean_and_worst_ten_percent() -> None:
     assert np.isnan(personal_summary([])["personal_acc"])
 
 
+def test_without_a_client_test_split_the_split_is_the_one_runs_always_had() -> None:
+    """``client_test_fraction=0``: validation = the first ``round(f·n)`` of the seeded permutation, training
+    the rest (the split of every earlier fedeq run, written out here)."""
+    from fedeq.data.clients import _cfg_partitions
+
+    cfg = load_config(QUICK, ["data.val_fraction=0.2"])
+    splits, parts = _cfg_partitions(cfg.data, 4, 0)
+    for pid in range(4):
+        idx = parts[pid]
+        n = len(idx)
+        perm = np.random.default_rng(pid).permutation(n)
+        n_val = min(max(1, round(n * 0.2)), n - 1)
+        d = load_client_data(cfg.data, pid, 4, 0)
+        np.testing.assert_array_equal(d.y_val, splits.y_train[np.sort(idx[perm[:n_val]])])
+        np.testing.assert_array_equal(d.x_train, splits.x_train[np.sort(idx[perm[n_val:]])])
+        assert d.x_test is None
+
+
+def test_a_deadline_covers_the_whole_call_and_fedprox_only_the_sent_phase() -> None:
+    torch.manual_seed(0)
+    model = _model("mlp_deq").double()
+    job = _job(model, {"head_epochs": 5}, epochs=5, n=24)
+    job.train.update(deq={"solver": "fixed_point", "f_max_iter": 2, "backward": "jfb", "b_max_iter": 2})
+    job.train.update(sim_budget_s=20.0, sim_cost_s=1.0 / 24, proximal_mu=0.5)  # a step costs 3 s (3 evaluations)
+    seen: list[dict[str, Any]] = []
+    import fedeq.personal.methods as methods
+
+    real = methods.train_local
+
+    def spy(model, x, y, **options):  # type: ignore[no-untyped-def]
+        seen.append(options)
+        return real(model, x, y, **options)
+
+    methods.train_local = spy  # type: ignore[assignment]
+    try:
+        _, stats = get_method("fedrep").train(
+            job, select(job.initial, job.personal, keep=False), PersonalState(RecordDict())
+        )
+    finally:
+        methods.train_local = real  # type: ignore[assignment]
+    assert [o["proximal_mu"] for o in seen] == [0.0, 0.5]  # the head phase has no proximal term
+    assert seen[0]["sim_budget_s"] == 20.0 and seen[1]["sim_budget_s"] == pytest.approx(5.0)
+    assert stats.steps == 5 + 2  # 5 head steps (15 s), then the body until the call's 20 s are used
+
+
+def test_a_frozen_parameter_stays_frozen() -> None:
+    from fedeq.personal import trainable_only
+
+    model = _model("explicit")
+    model.inject.weight.requires_grad_(False)
+    with trainable_only(model, None) as names:
+        assert "inject.weight" not in names and model.head.weight.requires_grad
+    assert not model.inject.weight.requires_grad and model.head.weight.requires_grad
+
+
 def test_the_client_test_split_is_held_out_of_training_and_validation() -> None:
     cfg = load_config(QUICK, ["data.client_test_fraction=0.25", "data.val_fraction=0.1"])
     plain = load_config(QUICK, [])
@@ -252,7 +306,7 @@ def test_personal_state_never_leaves_the_client(method: str, tmp_path, capsys) -
     expected = {"body": whole - head, "model": whole, "nothing": set()}[shares]
     for _, message in TRAFFIC:
         content = message.content
-        assert not any(k.startswith(PERSONAL_PREFIX) for k in content)
+        assert set(content.array_records) <= {"arrays"}  # no other tensors ride along
         arrays = content.array_records.get("arrays")
         if arrays is not None:
             assert set(arrays) == expected, (method, sorted(arrays))
@@ -345,8 +399,10 @@ def test_bad_personalization_config_exits_2_naming_the_key(tmp_path, capsys):  #
         ("personalization.personal_modules=[nope]", "personalization.personal_modules"),
         ("aggregation=async", "aggregation"),
         ("personalization.rho=0", "personalization.rho"),
+        ("strategy.kwargs.quality=server_val", "personalization.method"),
     ]:
         extra = [] if "method" in override else ["personalization.method=fedeq"]
+        extra += ["data.server_val_fraction=0.1"] if "server_val" in override else []
         code, _, err = _simulate(capsys, *base, *extra, override)
         assert code == 2 and err.startswith(f"fedeq: error: {key}:"), err
     assert not any(tmp_path.iterdir())

@@ -297,7 +297,7 @@ def load_client_data(data_cfg: Any, partition_id: int, num_partitions: int, seed
     perm = np.random.default_rng(int(seed) + pid).permutation(n)
     val_idx = np.sort(idx[perm[:n_val]])
     train_idx = np.sort(idx[perm[n_val : n - n_test]])
-    test_idx = np.sort(idx[perm[n - n_test :]]) if n_test else None
+    test_idx = np.sort(idx[perm[n - n_test :]]) if test_fraction > 0.0 else None
     return ClientData(
         x_train=splits.x_train[train_idx],
         y_train=splits.y_train[train_idx],

@@ -41,8 +41,12 @@ class ActivationMeter:
 
 
 def training_memory(model: nn.Module, optimizer: str, activation_bytes_per_step: float) -> int:
-    """``weights + gradients + optimizer moments`` of the trainable parameters, plus the activations one
-    step saves, in bytes."""
+    """``weights + gradients + optimizer moments`` of all the model's parameters (an upper bound for a phase
+    that freezes some), plus the activations one step saves, in bytes."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    moments = OPTIMIZER_MOMENTS.get(optimizer, 1)
+    if optimizer not in OPTIMIZER_MOMENTS:
+        raise ValueError(
+            f"train.optimizer: unknown optimizer {optimizer!r}; allowed: {', '.join(OPTIMIZER_MOMENTS)}"
+        )
+    moments = OPTIMIZER_MOMENTS[optimizer]
     return int(weights * (2 + moments) + activation_bytes_per_step)

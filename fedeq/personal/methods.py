@@ -24,7 +24,7 @@ from fedeq.personal.memory import ActivationMeter
 from fedeq.personal.split import clone_state, select, trainable_only
 from fedeq.personal.state import PersonalState
 from fedeq.registry import PERSONALIZATION
-from fedeq.train import TrainStats, train_local
+from fedeq.train import TrainStats, move_to, train_local
 
 __all__ = ["LocalJob", "PersonalMethod", "combine_stats", "get_method"]
 
@@ -49,19 +49,39 @@ class LocalJob:
     seed: int
     activation_bytes: float = 0.0
     """The largest mean bytes saved for backward per step of the phases trained so far."""
+    sim_spent_s: float = 0.0
+    """Simulated compute seconds the phases trained so far used (against ``train["sim_budget_s"]``)."""
 
     def fit(
-        self, epochs: int, seed_offset: int, trainable: frozenset[str] | None = None, **kw: Any
+        self,
+        epochs: int,
+        seed_offset: int,
+        trainable: frozenset[str] | None = None,
+        sends: bool = False,
+        **kw: Any,
     ) -> TrainStats:
         """``train_local`` on the client's training split for ``epochs`` epochs, only ``trainable`` parameters
-        (``None``: all) updated; ``kw`` adds or overrides options (``penalty``, ...). The activation bytes
-        of the phase's steps are measured (:attr:`activation_bytes`: the largest mean per step so far)."""
+        (``None``: all that train at all) updated; ``kw`` adds or overrides options (``penalty``, ...).
+
+        FedProx's ``proximal_mu`` applies only to the phase that trains what the client ``sends``. A device
+        deadline (``sim_budget_s``) covers the whole call: each phase gets what the earlier ones left. The
+        activation bytes of the phase's steps are measured (:attr:`activation_bytes`)."""
         options = {**self.train, "epochs": int(epochs), "seed": self.seed + seed_offset, **kw}
+        if not sends:
+            options["proximal_mu"] = 0.0
+        budget = options.get("sim_budget_s")
+        if budget is not None:
+            options["sim_budget_s"] = max(float(budget) - self.sim_spent_s, 0.0)
+            if options["sim_budget_s"] <= 0.0:
+                options["epochs"] = 0
+        move_to(self.model, options.get("device", "cpu"))  # parameters where they train, before the meter
         with trainable_only(self.model, trainable), ActivationMeter().watch(self.model) as meter:
             stats = train_local(self.model, self.data.x_train, self.data.y_train, **options)
         if stats.steps:
             per_step = meter.saved_bytes / stats.steps
             self.activation_bytes = max(self.activation_bytes, per_step)
+        cost = float(options.get("sim_cost_s", 0.0))
+        self.sim_spent_s += (stats.nfe_fwd + stats.nfe_bwd) * stats.samples_processed * cost
         return stats
 
     @property
@@ -122,6 +142,10 @@ class PersonalMethod:
         """Load the client's personalised model into ``job.model`` (without changing ``state``)."""
         job.load(job.initial, received, state.get("head") or {})
 
+    def load_update(self, job: LocalJob, sent: Mapping[str, Tensor]) -> None:
+        """After :meth:`train`: load the model the client's update comes from, whose local validation
+        the reply reports (``val-loss``, ``val-acc``); by default the model as trained (shared + personal)."""
+
     def head(self, job: LocalJob, state: PersonalState) -> dict[str, Tensor]:
         """The client's personal head: stored, else the initial model's."""
         return state.get("head") or select(job.initial, job.personal)
@@ -143,7 +167,7 @@ class NoPersonalization(PersonalMethod):
         self, job: LocalJob, received: Mapping[str, Tensor], state: PersonalState
     ) -> tuple[dict[str, Tensor], TrainStats]:
         job.load(received)
-        stats = job.fit(job.train["epochs"], 0)
+        stats = job.fit(job.train["epochs"], 0, sends=True)
         return job.state(), stats
 
     def load_personal(self, job: LocalJob, received: Mapping[str, Tensor], state: PersonalState) -> None:
@@ -159,7 +183,7 @@ class FedPer(PersonalMethod):
         self, job: LocalJob, received: Mapping[str, Tensor], state: PersonalState
     ) -> tuple[dict[str, Tensor], TrainStats]:
         job.load(received, self.head(job, state))
-        stats = job.fit(job.train["epochs"], 0)
+        stats = job.fit(job.train["epochs"], 0, sends=True)
         trained = job.state()
         state.put("head", select(trained, job.personal))
         return select(trained, job.personal, keep=False), stats
@@ -181,7 +205,7 @@ class FedRep(PersonalMethod):
         self, job: LocalJob, received: Mapping[str, Tensor], state: PersonalState
     ) -> tuple[dict[str, Tensor], TrainStats]:
         first = self.head_phase(job, received, state)
-        second = job.fit(job.train["epochs"], 1, trainable=job.parameter_keys(job.shared))
+        second = job.fit(job.train["epochs"], 1, trainable=job.parameter_keys(job.shared), sends=True)
         trained = job.state()
         state.put("head", select(trained, job.personal))
         return select(trained, job.personal, keep=False), combine_stats([first, second])
@@ -198,7 +222,7 @@ class FeDEQ(FedRep):
     ) -> tuple[dict[str, Tensor], TrainStats]:
         first = self.head_phase(job, received, state)
         rho = float(job.settings.rho)
-        names = sorted(job.parameter_keys(job.shared))
+        names = job.parameter_keys(job.shared)
         order = [n for n, _ in job.model.named_parameters() if n in names]
         anchor = {n: received[n].detach().to(torch.float64) for n in order}
         dual = state.get("dual") or {n: torch.zeros_like(received[n], dtype=torch.float64) for n in order}
@@ -210,7 +234,7 @@ class FeDEQ(FedRep):
                 total = total + (dual[name].to(p) * gap).sum() + 0.5 * rho * gap.pow(2).sum()
             return total
 
-        second = job.fit(job.train["epochs"], 1, trainable=frozenset(order), penalty=lagrangian)
+        second = job.fit(job.train["epochs"], 1, trainable=frozenset(order), sends=True, penalty=lagrangian)
         trained = job.state()
         state.put("dual", admm_dual_step(dual, trained, anchor, rho))
         state.put("head", select(trained, job.personal))
@@ -235,7 +259,7 @@ class Ditto(PersonalMethod):
         self, job: LocalJob, received: Mapping[str, Tensor], state: PersonalState
     ) -> tuple[dict[str, Tensor], TrainStats]:
         job.load(received)
-        first = job.fit(job.train["epochs"], 0)
+        first = job.fit(job.train["epochs"], 0, sends=True)
         sent = job.state()
         personal = state.get("model") or dict(received)
         job.load(personal)
@@ -250,6 +274,9 @@ class Ditto(PersonalMethod):
         second = job.fit(epochs, 1, penalty=proximal)
         state.put("model", job.state())
         return sent, combine_stats([first, second])
+
+    def load_update(self, job: LocalJob, sent: Mapping[str, Tensor]) -> None:
+        job.load(sent)  # the global model the client trained and sends, not its personal one
 
     def load_personal(self, job: LocalJob, received: Mapping[str, Tensor], state: PersonalState) -> None:
         job.load(state.get("model") or received)

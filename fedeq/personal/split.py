@@ -60,13 +60,13 @@ def select(state: Mapping[str, Any], keys: frozenset[str], keep: bool = True) ->
 
 @contextmanager
 def trainable_only(model: nn.Module, keys: frozenset[str] | None) -> Iterator[list[str]]:
-    """Within the block only the parameters named in ``keys`` train (``None``: all); yields their names and
-    restores every parameter's ``requires_grad`` afterwards."""
+    """Within the block only the parameters named in ``keys`` train (``None``: all), a parameter the model
+    froze staying frozen; yields their names and restores every parameter's ``requires_grad`` afterwards."""
     params = dict(model.named_parameters())
     before = {name: p.requires_grad for name, p in params.items()}
     try:
         for name, p in params.items():
-            p.requires_grad_(keys is None or name in keys)
+            p.requires_grad_(before[name] and (keys is None or name in keys))
         yield [name for name, p in params.items() if p.requires_grad]
     finally:
         for name, p in params.items():

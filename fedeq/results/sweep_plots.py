@@ -66,8 +66,11 @@ def _figure(curves: Mapping[str, pd.DataFrame], axis: str, title: str, what: str
 def build_sweep_figures(runs: Sequence[SweepRun], title: str = "sweep") -> dict[str, Figure]:
     """The sweep's figures by file name (an axis without data has none); the caller closes them."""
     figs = {}
-    personal = any(_is_personal(run.folder) for run in runs)
-    what = "personalised accuracy (mean over clients)" if personal else "test accuracy"
+    personal = {_is_personal(run.folder) for run in runs}
+    what = {
+        frozenset({True}): "personalised accuracy (mean over clients)",
+        frozenset({False}): "test accuracy",
+    }.get(frozenset(personal), "personalised (mean over clients) or test accuracy")
     for axis in AXES:
         curves = mean_curves(runs, axis)
         if curves:

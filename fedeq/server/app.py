@@ -86,6 +86,15 @@ def strategy_for(cfg: Any) -> ReplyGuard:
             "server's validation split, which is off"
         )
         raise ConfigError("data.server_val_fraction", problem, "a fraction in (0, 0.5), e.g. 0.05", 0.0)
+    method = cfg.personalization.method
+    if "evaluate" in getattr(guard.strategy, "needs", ()) and get_method(method).shares != "model":
+        quality = getattr(guard.strategy, "quality", None)
+        problem = (
+            f"strategy.kwargs.quality={quality!r} scores whole models on the server, and "
+            f"personalization.method={method} sends no whole model"
+        )
+        allowed = "none, ditto or finetune with this quality function, or another quality function"
+        raise ConfigError("personalization.method", problem, allowed, method)
     return guard
 
 

@@ -319,7 +319,8 @@ class RayGrid(PoolActors, RunGrid):
         answers = replies if isinstance(replies, list) else [replies]
         states = states if isinstance(states, list) else [states]
         for msg, reply, state in zip(call.messages, answers, states, strict=True):
-            if not reply.has_error():
+            # a call the round gave up on (its timeout) leaves the node's state as it was
+            if not reply.has_error() and msg.metadata.message_id in self.pending:
                 self.node_states.put(int(msg.metadata.dst_node_id), state)
         return replies
 

@@ -38,7 +38,8 @@ class PersonalEvaluation(RoundCallback):
     ) -> dict[str, Any] | None:
         if server_round == 0:
             return None
-        entries = evaluation_entries(self.guard, server_round)
+        # a client whose partition left no test example has no score
+        entries = [e for e in evaluation_entries(self.guard, server_round) if e.get("test-examples", 1)]
         row: dict[str, Any] = personal_summary([float(e["personal-acc"]) for e in entries])
         row["personal_clients"] = len(entries)
         globals_ = [float(e["global-acc"]) for e in entries if "global-acc" in e]
