@@ -5,9 +5,7 @@ killed run resumes to the numbers of an uninterrupted one."""
 from __future__ import annotations
 
 import math
-import os
 import signal
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,32 +13,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-import clients.client_app as client_app
 from fedeq.arrays import record_to_numpy
 from fedeq.cli.main import main
-from fedeq.engines.base import Engine
 from fedeq.registry import ENGINES
 from fedeq.results.checkpoint import checkpoint_round
-from fedeq.server.app import run_server
 from fedeq.server.async_loop import AsyncSettings, run_async, staleness_check
 from fedeq.server.async_schedule import AsyncState
 from strategies.guard import ReplyGuard
 from strategies.staleness import rebase, staleness_weight
 from tests.flwr_helpers import LocalGrid, task_identity, to_array_record
+from tests.inprocess_engine import SIGNAL_AT, InProcessEngine, reset
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "simulations" / "configs" / "quick.yaml"
-NODE_ID_OFFSET = 1_000_000
 TINY = [
     "engine=async_local", "num_clients=4", "eval.budgets=[1]", "model.hidden=16", "train.batch_size=128",
     "devices.tiers.1.solver=fixed_point", "devices.tiers.1.backward=jfb", "devices.tiers.1.f_max_iter=3",
     "devices.tiers.1.b_max_iter=2", "aggregation=async", "async.buffer_size=2", "async.concurrency=3",
 ]  # fmt: skip
-KILL_AT: dict[str, Any] = {}
-"""``{"dispatch": d}``: the client call with that dispatch index sends SIGTERM to this process."""
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -145,40 +138,12 @@ def test_staleness_functions_and_rebase() -> None:
 # ------------------------------------------------------------------------------------ real simulations
 
 
-def _node(pid: int, num_clients: int):  # type: ignore[no-untyped-def]
-    def run(message: Message) -> Message:
-        dispatch = message.content.config_records["config"].get("server-round")
-        if KILL_AT and dispatch == KILL_AT["dispatch"]:
-            KILL_AT.clear()
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1.0)  # the handler raises in this thread before the sleep ends
-        config = {"partition-id": pid, "num-partitions": num_clients}
-        context = Context(
-            run_id=1, node_id=NODE_ID_OFFSET + pid, node_config=config, state=RecordDict(), run_config={}
-        )
-        return client_app.app(message, context)
-
-    return run
-
-
-class AsyncLocalEngine(Engine):
-    """The ServerApp and ClientApp over an in-process grid; resumable."""
-
-    supports_resume = True
-
-    def run(self, cfg: Any, out_dir: Path, quiet: bool = False, resume: bool = False) -> None:
-        n = cfg.num_clients
-        grid = LocalGrid({NODE_ID_OFFSET + pid: _node(pid, n) for pid in range(n)})
-        with task_identity(run_id=grid.run.run_id):
-            run_server(grid, cfg, out_dir=out_dir, quiet=quiet, resume=resume)
-
-
 @pytest.fixture(autouse=True)
 def async_engine():  # type: ignore[no-untyped-def]
-    ENGINES.register("async_local", AsyncLocalEngine)
+    ENGINES.register("async_local", InProcessEngine)
     yield
     ENGINES.unregister("async_local")
-    KILL_AT.clear()
+    reset()
 
 
 def _simulate(capsys, *args: str) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
@@ -225,7 +190,9 @@ def test_bad_async_config_exits_2_naming_the_key(tmp_path, capsys):  # type: ign
 def test_a_killed_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path, capsys):  # type: ignore[no-untyped-def]
     base = [str(QUICK), *TINY, "rounds=4", f"output_dir={tmp_path}", "--quiet"]
     assert _simulate(capsys, *base, "run_name=whole")[0] == 0
-    KILL_AT.update(dispatch=7)  # a call of update 3 or later: at least one update is checkpointed
+    SIGNAL_AT.update(
+        round=7, signum=signal.SIGTERM
+    )  # the call with dispatch index 7  # a call of update 3 or later: at least one update is checkpointed
     code, _, err = _simulate(capsys, *base, "run_name=killed")
     killed = tmp_path / "killed"
     done = checkpoint_round(killed)

@@ -12,26 +12,23 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import RecordDict
 
-import clients.client_app as client_app
 from fedeq.cli.main import main
 from fedeq.config import load_config
-from fedeq.engines.base import Engine
 from fedeq.engines.stoppable import RunStopped, StoppableGrid
 from fedeq.registry import ENGINES
 from fedeq.results.checkpoint import checkpoint_round
 from fedeq.results.recorder import claim_run_dir, run_dir
 from fedeq.results.run_report import read_report
-from fedeq.server.app import run_server
-from tests.flwr_helpers import LocalGrid, make_instruction, task_identity
+from tests.flwr_helpers import LocalGrid, make_instruction
+from tests.inprocess_engine import SIGNAL_AT, InProcessEngine, reset
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "simulations" / "configs" / "quick.yaml"
@@ -40,46 +37,14 @@ TINY = [
     "train.batch_size=128", "devices.tiers.1.solver=fixed_point", "devices.tiers.1.backward=jfb",
     "devices.tiers.1.f_max_iter=3", "devices.tiers.1.b_max_iter=2",
 ]  # fmt: skip
-NODE_ID_OFFSET = 1_000_000
-SIGNAL_AT: dict[str, Any] = {}
-"""``{"round": k, "signum": s}``: a client of round ``k`` sends signal ``s`` to this process."""
-
-
-def _node(pid: int, num_clients: int):  # type: ignore[no-untyped-def]
-    def run(message: Message) -> Message:
-        rnd = message.content.config_records["config"].get("server-round")
-        if SIGNAL_AT and rnd == SIGNAL_AT["round"]:
-            signum = SIGNAL_AT["signum"]
-            SIGNAL_AT.clear()
-            os.kill(os.getpid(), signum)
-            time.sleep(1.0)  # the handler raises in this thread before the sleep ends
-        config = {"partition-id": pid, "num-partitions": num_clients}
-        context = Context(
-            run_id=1, node_id=NODE_ID_OFFSET + pid, node_config=config, state=RecordDict(), run_config={}
-        )
-        return client_app.app(message, context)
-
-    return run
-
-
-class LocalEngine(Engine):
-    """The ServerApp and ClientApp of every engine, over an in-process grid; resumable."""
-
-    supports_resume = True
-
-    def run(self, cfg: Any, out_dir: Path, quiet: bool = False, resume: bool = False) -> None:
-        n = cfg.num_clients
-        grid = LocalGrid({NODE_ID_OFFSET + pid: _node(pid, n) for pid in range(n)})
-        with task_identity(run_id=grid.run.run_id):
-            run_server(grid, cfg, out_dir=out_dir, quiet=quiet, resume=resume)
 
 
 @pytest.fixture(autouse=True)
 def local_engine():  # type: ignore[no-untyped-def]
-    ENGINES.register("lifecycle_local", LocalEngine)
+    ENGINES.register("lifecycle_local", InProcessEngine)
     yield
     ENGINES.unregister("lifecycle_local")
-    SIGNAL_AT.clear()
+    reset()
 
 
 def _simulate(capsys, *args: str) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
