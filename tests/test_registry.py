@@ -15,6 +15,7 @@ from fedeq.registry import (
     ENGINES,
     MODELS,
     PARTITIONERS,
+    PERSONALIZATION,
     QUALITY,
     SOLVERS,
     PluginError,
@@ -66,6 +67,32 @@ def test_every_extension_point_has_its_builtins() -> None:
     assert {"iid", "dirichlet", "shards"} <= set(PARTITIONERS.names())
     assert {"residual", "budget", "val_loss", "uniform"} <= set(QUALITY.names())
     assert {"ray", "flower"} <= set(ENGINES.names())
+    assert {"none", "fedeq", "fedper", "fedrep", "ditto", "local", "finetune"} <= set(PERSONALIZATION.names())
+
+
+def test_a_lookup_during_the_built_ins_import_waits_for_them(tmp_path, monkeypatch) -> None:
+    """A second thread asking while the home module is still importing sees the built-ins, not an empty
+    registry (it waits for the import instead of taking it as done)."""
+    import threading
+
+    registry: Registry[int] = Registry("thing", home="slow_home_module")
+    (tmp_path / "slow_home_module.py").write_text(
+        "import time\nfrom tests.test_registry import SLOW\ntime.sleep(0.3)\nSLOW[0].register('a', 1)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    SLOW[:] = [registry]
+    seen: list[bool] = []
+    first = threading.Thread(target=lambda: seen.append("a" in registry))
+    first.start()
+    import time
+
+    time.sleep(0.1)  # the first lookup is importing the home module now
+    seen.append("a" in registry)
+    first.join()
+    assert seen == [True, True]
+
+
+SLOW: list[Registry[int]] = []
 
 
 def test_plugin_file_registers_once(tmp_path) -> None:
