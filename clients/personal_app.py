@@ -31,18 +31,14 @@ FINETUNE_SEED = 3
 
 
 @functools.lru_cache(maxsize=4)
-def _initial(setup: RunSetup) -> dict[str, torch.Tensor]:
+def initial_state(setup: RunSetup) -> dict[str, torch.Tensor]:
+    """The run's initial model (built under ``torch.manual_seed(seed)``): every personal part starts here."""
     cfg = setup.view
     splits = client_dataset(cfg.data, cfg.seed)
     with torch.random.fork_rng():
         torch.manual_seed(int(cfg.seed))
         model = build_model(cfg.model.name, tuple(splits.input_shape), splits.num_classes, setup.cfg.model)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def initial_state(setup: RunSetup) -> dict[str, torch.Tensor]:
-    """The run's initial model (built under ``torch.manual_seed(seed)``): every personal part starts here."""
-    return _initial(setup)
 
 
 def received_tensors(message: Message) -> dict[str, torch.Tensor]:

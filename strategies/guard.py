@@ -310,12 +310,14 @@ class ReplyGuard(Strategy):
         keys = dict.fromkeys([*_STATUSES, *(k for c in per_round.values() for k in c)])
         return {s: sum(c.get(s, 0) for c in per_round.values()) for s in keys}
 
-    def round_entries(self, server_round: int) -> list[dict[str, Any]]:
-        """The train log's entries of ``server_round`` (the log is in round order: read from its end)."""
-        start = len(self.client_log)
-        while start > 0 and self.client_log[start - 1]["round"] >= server_round:
+    def round_entries(self, server_round: int, *, train: bool = True) -> list[dict[str, Any]]:
+        """The train (``train=False``: evaluate) log's entries of ``server_round`` (the log is in round
+        order: read from its end)."""
+        log = self.client_log if train else self.eval_client_log
+        start = len(log)
+        while start > 0 and log[start - 1]["round"] >= server_round:
             start -= 1
-        return [e for e in self.client_log[start:] if e["round"] == server_round]
+        return [e for e in log[start:] if e["round"] == server_round]
 
     def rejected_nodes(self, server_round: int) -> Sequence[int]:
         """Node ids whose train reply was rejected or failed in ``server_round``."""

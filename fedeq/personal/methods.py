@@ -151,6 +151,13 @@ class PersonalMethod:
         return state.get("head") or select(job.initial, job.personal)
 
 
+def train_global(job: LocalJob, received: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], TrainStats]:
+    """FedAvg's client step: ``local_epochs`` on the whole received model; returns it trained, and stats."""
+    job.load(received)
+    stats = job.fit(job.train["epochs"], 0, sends=True)
+    return job.state(), stats
+
+
 def get_method(name: str) -> PersonalMethod:
     """A new instance of the method registered as ``name``."""
     method = PERSONALIZATION.get(name)
@@ -166,9 +173,7 @@ class NoPersonalization(PersonalMethod):
     def train(
         self, job: LocalJob, received: Mapping[str, Tensor], state: PersonalState
     ) -> tuple[dict[str, Tensor], TrainStats]:
-        job.load(received)
-        stats = job.fit(job.train["epochs"], 0, sends=True)
-        return job.state(), stats
+        return train_global(job, received)
 
     def load_personal(self, job: LocalJob, received: Mapping[str, Tensor], state: PersonalState) -> None:
         job.load(received)
@@ -258,9 +263,7 @@ class Ditto(PersonalMethod):
     def train(
         self, job: LocalJob, received: Mapping[str, Tensor], state: PersonalState
     ) -> tuple[dict[str, Tensor], TrainStats]:
-        job.load(received)
-        first = job.fit(job.train["epochs"], 0, sends=True)
-        sent = job.state()
+        sent, first = train_global(job, received)
         personal = state.get("model") or dict(received)
         job.load(personal)
         lam = float(job.settings.ditto_lambda)

@@ -17,12 +17,8 @@ __all__ = ["PersonalEvaluation", "evaluation_entries"]
 
 def evaluation_entries(guard: ReplyGuard, server_round: int) -> list[dict[str, Any]]:
     """The evaluate replies of ``server_round`` that the guard accepted, in node order."""
-    log = guard.eval_client_log
-    start = len(log)
-    while start > 0 and log[start - 1]["round"] >= server_round:
-        start -= 1
-    entries = [e for e in log[start:] if e["round"] == server_round and e["status"] == "ok"]
-    return sorted(entries, key=lambda e: int(e["node_id"]))
+    entries = guard.round_entries(server_round, train=False)
+    return sorted((e for e in entries if e["status"] == "ok"), key=lambda e: int(e["node_id"]))
 
 
 class PersonalEvaluation(RoundCallback):
