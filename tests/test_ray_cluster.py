@@ -319,8 +319,9 @@ def test_a_dead_node_moves_its_work_to_the_survivor(
     recorded while the next one trains); its tier's actors are replaced on the head and the run completes.
 
     Ray may report the dead actor as unavailable before it declares the node dead; a replacement started in
-    that window still asks for ``node_b`` and dies with the node, so the tier can lose one more round before
-    its actors start on the head.
+    that window still asks for ``node_b``: it dies with the node or, still waiting to be placed, is retired
+    once ``node_b`` leaves the cluster, so the tier can lose one more round before its actors start on the
+    head (``test_ray_pipeline`` forces the second case).
     """
     from fedeq.engines.ray.grid import RayGrid
 

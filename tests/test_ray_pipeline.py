@@ -106,6 +106,36 @@ def test_work_stays_balanced_at_the_end_of_a_round():
         grid.shutdown()
 
 
+def test_an_actor_asking_for_a_resource_whose_node_died_is_replaced(monkeypatch, caplog):
+    """Ray keeps an actor whose custom resource is gone pending forever; the grid must notice that the
+    resource left the cluster and start the pool's actor without it (the window between an actor's death
+    and its node's is simulated: the first actor is started with the pool's options unchecked)."""
+    import fedeq.engines.ray.actors as actors
+
+    checked = actors.placeable_options
+    started: list[dict] = []
+
+    def unchecked_first(pool):
+        started.append(dict(pool.options) if not started else checked(pool))
+        return started[-1]
+
+    monkeypatch.setattr(actors, "placeable_options", unchecked_first)
+    caplog.set_level("WARNING", logger="fedeq.engines.ray.pools")
+    tier = SimpleNamespace(**vars(TIER), resources={"fedeq_gone_node": 1.0})
+    grid = RayGrid([tier], [0] * 3, app_ref="tests.apps:fault_app", sizes=[1], call_timeout_s=30.0)
+    try:
+        t0 = time.monotonic()
+        replies = grid.send_and_receive(_messages({}, {}, {}), timeout=60.0)
+        assert _partition_ids(replies) == [0, 1, 2]
+        assert time.monotonic() - t0 < 30
+        assert [s.get("resources") for s in started] == [{"fedeq_gone_node": 1.0}, None]
+        assert grid.pools[0].replaced == 1 and not grid.pools[0].asked
+        warnings = [r.getMessage() for r in caplog.records if "fedeq_gone_node" in r.getMessage()]
+        assert len(warnings) == 1 and "is gone from the cluster" in warnings[0]
+    finally:
+        grid.shutdown()
+
+
 def test_actors_use_the_partitions_the_driver_installed():
     from fedeq.config import load_config
     from fedeq.data import clients as data

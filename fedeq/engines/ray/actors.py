@@ -41,6 +41,8 @@ class PoolActors:
         )
         if self._setup is not None:
             actor.setup.remote(self._setup)
+        if options.get("resources"):
+            pool.asked[actor] = dict(options["resources"])
         return actor
 
     def warm_up(self, wait: bool = True) -> None:
@@ -78,3 +80,4 @@ class PoolActors:
             pool.actors.clear()
             pool.idle.clear()
             pool.lines.clear()
+            pool.asked.clear()

@@ -37,7 +37,7 @@ from fedeq.engines.ray.actors import PoolActors
 from fedeq.engines.ray.cluster import start_ray
 from fedeq.engines.ray.cohorts import CohortSize, group_calls
 from fedeq.engines.ray.node_states import NodeStates
-from fedeq.engines.ray.pools import Call, TierPool, actor_options, pool_sizes
+from fedeq.engines.ray.pools import Call, TierPool, actor_options, pool_sizes, unplaceable
 from fedeq.engines.ray.worker import ClientWorker
 from fedeq.engines.run_grid import RunGrid, assign_message_id
 
@@ -107,6 +107,7 @@ class RayGrid(PoolActors, RunGrid):
         self.cohort_caps = list(cohort_caps) if cohort_caps is not None else [512] * len(self.tiers)
         self.cohort_ref = cohort_ref if cohort_size != 1 else None
         self._setup: Any = None
+        self._next_placement_check = 0.0
         if groups is None:
             groups = [[i] for i in range(len(self.tiers))]
         if sizes is None:
@@ -243,6 +244,7 @@ class RayGrid(PoolActors, RunGrid):
 
     def _progress(self, wait_s: float) -> None:
         """Collect finished calls (waiting up to ``wait_s``), enforce the per-call limit, refill pools."""
+        self._retire_unplaceable()
         running = {
             c.ref: c for pool in self.pools for line in pool.lines.values() for c in line if c.ref is not None
         }
@@ -286,6 +288,31 @@ class RayGrid(PoolActors, RunGrid):
                         self._replace(call)
                         self._finish(call, [timeout_reply(m, self.call_timeout_s) for m in call.messages])
         self._dispatch()
+
+    def _retire_unplaceable(self) -> None:
+        """Retire the starting actors that can never start, and send their calls back to the queue.
+
+        A call's time limit counts from when its actor is up, so an actor that asked for a custom resource
+        whose node has since died would hold its calls forever (Ray keeps an infeasible actor pending). This
+        happens when a replacement is started between Ray reporting an actor dead and Ray declaring its node
+        dead. The pool's next actor starts without the resource (:func:`placeable_options`). The cluster is
+        asked at most once a second, and only while such an actor is starting.
+        """
+        heads = [
+            line[0]
+            for pool in self.pools
+            for actor, line in pool.lines.items()
+            if line and line[0].ready_ref is not None and actor in pool.asked
+        ]
+        if not heads or time.monotonic() < self._next_placement_check:
+            return
+        self._next_placement_check = time.monotonic() + 1.0
+        cluster = ray.cluster_resources()
+        for call in heads:
+            if unplaceable(call.pool, call.actor, cluster):
+                self._replace(call)  # the calls behind it go back to the front of the queue
+                call.actor = None
+                call.pool.queue.appendleft(call)
 
     def _actor_died(self, call: Call, err: Exception) -> None:
         """``call``'s actor died. It ran its calls in order: those ahead of ``call`` may have finished; the
@@ -368,6 +395,7 @@ class RayGrid(PoolActors, RunGrid):
             ray.kill(actor, no_restart=True)
         pool.actors.remove(actor)
         pool.warm.discard(actor)
+        pool.asked.pop(actor, None)
         line = pool.lines.pop(actor, deque())
         for other in reversed([c for c in line if c is not call and self._wanted(c)]):
             other.actor = other.ref = other.ready_ref = other.started = None

@@ -18,6 +18,7 @@ __all__ = [
     "TierPool",
     "actor_options",
     "placeable_options",
+    "unplaceable",
     "cpus_needed",
     "plan_grid",
     "plan_pools",
@@ -69,6 +70,8 @@ class TierPool:
     queue: deque = field(default_factory=deque)
     lines: dict[Any, deque] = field(default_factory=dict)
     """The calls sent to each actor, in the order it runs them (the first one is running)."""
+    asked: dict[Any, dict[str, float]] = field(default_factory=dict)
+    """The custom resources each actor that asked for some was started with."""
     replaced: int = 0
 
 
@@ -201,3 +204,9 @@ def placeable_options(pool: TierPool) -> dict[str, Any]:
 def vanished_resources(wanted: dict[str, float], cluster: dict[str, float]) -> list[str]:
     """The names in ``wanted`` whose amount exceeds the cluster's total ``cluster`` of that resource."""
     return [name for name, amount in wanted.items() if float(cluster.get(name, 0.0)) < amount - 1e-9]
+
+
+def unplaceable(pool: TierPool, actor: Any, cluster: dict[str, float]) -> bool:
+    """Whether ``actor`` of ``pool`` asked for a custom resource that the cluster (``cluster``: its total
+    resources) no longer has: its node died while the actor was being placed, so it would wait forever."""
+    return bool(vanished_resources(pool.asked.get(actor) or {}, cluster))
