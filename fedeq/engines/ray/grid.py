@@ -290,14 +290,9 @@ class RayGrid(PoolActors, RunGrid):
         self._dispatch()
 
     def _retire_unplaceable(self) -> None:
-        """Retire the starting actors that can never start, and send their calls back to the queue.
-
-        A call's time limit counts from when its actor is up, so an actor that asked for a custom resource
-        whose node has since died would hold its calls forever (Ray keeps an infeasible actor pending). This
-        happens when a replacement is started between Ray reporting an actor dead and Ray declaring its node
-        dead. The pool's next actor starts without the resource (:func:`placeable_options`). The cluster is
-        asked at most once a second, and only while such an actor is starting.
-        """
+        """Retire the starting actors that asked for a custom resource whose node has since died (Ray keeps
+        them pending forever, and a call's limit counts from its actor's start); their calls go back to the
+        queue and the pool's next actor starts without it. Asked at most once a second, while one starts."""
         heads = [
             line[0]
             for pool in self.pools
