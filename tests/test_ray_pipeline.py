@@ -106,10 +106,14 @@ def test_work_stays_balanced_at_the_end_of_a_round():
         grid.shutdown()
 
 
-def test_an_actor_asking_for_a_resource_whose_node_died_is_replaced(monkeypatch, caplog):
-    """Ray keeps an actor whose custom resource is gone pending forever; the grid must notice that the
-    resource left the cluster and start the pool's actor without it (the window between an actor's death
-    and its node's is simulated: the first actor is started with the pool's options unchecked)."""
+GONE = {"fedeq_gone_node": 1.0}
+
+
+@pytest.fixture
+def first_actor_unchecked(monkeypatch, caplog) -> list[dict]:
+    """The options each new actor starts with; the first one asks for ``GONE``, a resource no node has,
+    unchecked: the window between Ray reporting an actor dead and declaring its node dead, forced. Ray keeps
+    such an actor pending forever."""
     import fedeq.engines.ray.actors as actors
 
     checked = actors.placeable_options
@@ -121,17 +125,46 @@ def test_an_actor_asking_for_a_resource_whose_node_died_is_replaced(monkeypatch,
 
     monkeypatch.setattr(actors, "placeable_options", unchecked_first)
     caplog.set_level("WARNING", logger="fedeq.engines.ray.pools")
-    tier = SimpleNamespace(**vars(TIER), resources={"fedeq_gone_node": 1.0})
+    return started
+
+
+def _gone_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "fedeq_gone_node" in r.getMessage()]
+
+
+@pytest.mark.timeout(120)
+def test_an_actor_asking_for_a_resource_whose_node_died_is_replaced(first_actor_unchecked, caplog):
+    """A call waiting for such an actor goes back to the queue and runs on the pool's next actor."""
+    tier = SimpleNamespace(**vars(TIER), resources=GONE)
     grid = RayGrid([tier], [0] * 3, app_ref="tests.apps:fault_app", sizes=[1], call_timeout_s=30.0)
     try:
         t0 = time.monotonic()
         replies = grid.send_and_receive(_messages({}, {}, {}), timeout=60.0)
         assert _partition_ids(replies) == [0, 1, 2]
         assert time.monotonic() - t0 < 30
-        assert [s.get("resources") for s in started] == [{"fedeq_gone_node": 1.0}, None]
+        assert [s.get("resources") for s in first_actor_unchecked] == [GONE, None]
         assert grid.pools[0].replaced == 1 and not grid.pools[0].asked
-        warnings = [r.getMessage() for r in caplog.records if "fedeq_gone_node" in r.getMessage()]
+        warnings = _gone_warnings(caplog)
         assert len(warnings) == 1 and "is gone from the cluster" in warnings[0]
+    finally:
+        grid.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_warm_up_replaces_an_actor_asking_for_a_resource_whose_node_died(first_actor_unchecked, caplog):
+    """The same at the start of a run: waiting for the pools' actors does not wait forever."""
+    tier = SimpleNamespace(**vars(TIER), resources=GONE)
+    grid = RayGrid([tier], [0] * 2, app_ref="tests.apps:fault_app", sizes=[2])
+    try:
+        t0 = time.monotonic()
+        grid.warm_up()
+        assert time.monotonic() - t0 < 30
+        pool = grid.pools[0]
+        assert [s.get("resources") for s in first_actor_unchecked] == [GONE, None, None]
+        assert pool.replaced == 1 and not pool.asked and len(pool.actors) == 2
+        assert set(pool.warm) == set(pool.actors) == set(pool.idle)
+        assert len(_gone_warnings(caplog)) == 1
+        assert _partition_ids(grid.send_and_receive(_messages({}, {}))) == [0, 1]
     finally:
         grid.shutdown()
 

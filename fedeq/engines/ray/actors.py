@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import ray
 
-from fedeq.engines.ray.pools import TierPool, placeable_options
+from fedeq.engines.ray.pools import TierPool, placeable_options, unplaceable
 from fedeq.engines.ray.worker import ClientWorker
 
 __all__ = ["PoolActors"]
@@ -61,11 +62,33 @@ class PoolActors:
             self.wait_ready()
 
     def wait_ready(self) -> None:
-        """Wait until every started actor has loaded the app and run its setup."""
-        starting = [(pool, a) for pool in self.pools for a in pool.actors if a not in pool.warm]
-        ray.get([actor.ready.remote() for _, actor in starting])
-        for pool, actor in starting:
-            pool.warm.add(actor)
+        """Wait until every started actor has loaded the app and run its setup; an actor's start-up error is
+        raised here. An idle actor that asked for a custom resource whose node has died meanwhile would wait
+        forever: it is replaced by one without that resource (checked once a second, as in the rounds)."""
+        starting = {a.ready.remote(): (p, a) for p in self.pools for a in p.actors if a not in p.warm}
+        while starting:
+            up, _ = ray.wait(list(starting), num_returns=len(starting), timeout=1.0)
+            ray.get(up)
+            for ref in up:
+                pool, actor = starting.pop(ref)
+                pool.warm.add(actor)
+            waiting = [(ref, p, a) for ref, (p, a) in starting.items() if a in p.asked and not p.lines.get(a)]
+            cluster = ray.cluster_resources() if waiting else {}
+            for ref, pool, actor in waiting:
+                if unplaceable(pool, actor, cluster):
+                    del starting[ref]
+                    fresh = self._swap_idle_actor(pool, actor)
+                    starting[fresh.ready.remote()] = (pool, fresh)
+
+    def _swap_idle_actor(self, pool: TierPool, actor: Any) -> Any:
+        """Kill ``actor`` (idle, no calls sent) and put a new actor of ``pool`` in its place."""
+        ray.kill(actor, no_restart=True)
+        fresh = self._new_actor(pool)
+        pool.actors[pool.actors.index(actor)] = fresh
+        pool.idle = deque(fresh if a is actor else a for a in pool.idle)
+        pool.asked.pop(actor, None)
+        pool.replaced += 1
+        return fresh
 
     def actor_stats(self) -> list[dict[str, Any]]:
         """:meth:`ClientWorker.stats` of every live actor, with its tier (waits for running calls)."""
