@@ -7,27 +7,31 @@ It is resumable like ``engine=ray`` and keeps each node's ``context.state`` the 
   sends signal ``s`` to this process (a kill in the middle of a round or an asynchronous update);
 - :data:`TRAFFIC`: every message the grid carries, as ``("sent", instruction)`` and ``("reply", reply)``.
 
-Register it under the engine name a test's config uses: ``ENGINES.register("my_local", InProcessEngine)``.
+Register it under the engine name a test's config uses, for the length of a test: ``with
+registered("my_local"): ...``; :func:`simulate_cli` runs ``fedeq simulate`` in this process.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message, RecordDict
 
 import clients.client_app as client_app
+from fedeq.cli.main import main
 from fedeq.engines.base import Engine
 from fedeq.engines.ray.grid import NODE_ID_OFFSET
 from fedeq.engines.ray.node_states import NodeStates
+from fedeq.registry import ENGINES
 from fedeq.server.app import run_server
 from tests.flwr_helpers import LocalGrid, task_identity
 
-__all__ = ["NODE_ID_OFFSET", "SIGNAL_AT", "TRAFFIC", "InProcessEngine", "reset"]
+__all__ = ["NODE_ID_OFFSET", "SIGNAL_AT", "TRAFFIC", "InProcessEngine", "registered", "reset", "simulate_cli"]
 
 SIGNAL_AT: dict[str, Any] = {}
 """``{"round": k, "signum": s}``: a client call of round (or asynchronous dispatch) ``k`` sends ``s``."""
@@ -39,6 +43,25 @@ def reset() -> None:
     """Clear both hooks."""
     SIGNAL_AT.clear()
     TRAFFIC.clear()
+
+
+@contextmanager
+def registered(name: str) -> Iterator[None]:
+    """:class:`InProcessEngine` as engine ``name`` for the block, with both hooks cleared before and after."""
+    ENGINES.register(name, InProcessEngine)
+    reset()
+    try:
+        yield
+    finally:
+        ENGINES.unregister(name)
+        reset()
+
+
+def simulate_cli(capsys: Any, *args: str) -> tuple[int, str, str]:
+    """``fedeq simulate ARGS`` in this process: its exit code, stdout and stderr (``capsys``: pytest's)."""
+    code = main(["simulate", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def _node(pid: int, num_clients: int, states: NodeStates) -> Callable[[Message], Message]:

@@ -17,15 +17,13 @@ from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from fedeq.arrays import record_to_numpy
-from fedeq.cli.main import main
-from fedeq.registry import ENGINES
 from fedeq.results.checkpoint import checkpoint_round
 from fedeq.server.async_loop import AsyncSettings, run_async, staleness_check
 from fedeq.server.async_schedule import AsyncState
 from strategies.guard import ReplyGuard
 from strategies.staleness import rebase, staleness_weight
 from tests.flwr_helpers import LocalGrid, task_identity, to_array_record
-from tests.inprocess_engine import SIGNAL_AT, InProcessEngine, reset
+from tests.inprocess_engine import SIGNAL_AT, registered, simulate_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "simulations" / "configs" / "quick.yaml"
@@ -140,16 +138,8 @@ def test_staleness_functions_and_rebase() -> None:
 
 @pytest.fixture(autouse=True)
 def async_engine():  # type: ignore[no-untyped-def]
-    ENGINES.register("async_local", InProcessEngine)
-    yield
-    ENGINES.unregister("async_local")
-    reset()
-
-
-def _simulate(capsys, *args: str) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
-    code = main(["simulate", *args])
-    out, err = capsys.readouterr()
-    return code, out, err
+    with registered("async_local"):
+        yield
 
 
 def _frames(run: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -161,7 +151,7 @@ def _frames(run: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def test_two_runs_with_the_same_seed_are_identical(tmp_path, capsys):  # type: ignore[no-untyped-def]
     base = [str(QUICK), *TINY, "rounds=3", f"output_dir={tmp_path}", "--quiet"]
     for name in ("a", "b"):
-        code, _, err = _simulate(capsys, *base, f"run_name={name}")
+        code, _, err = simulate_cli(capsys, *base, f"run_name={name}")
         assert code == 0, err
     (ra, ca), (rb, cb) = _frames(tmp_path / "a"), _frames(tmp_path / "b")
     pd.testing.assert_frame_equal(ra, rb)
@@ -181,7 +171,7 @@ def test_bad_async_config_exits_2_naming_the_key(tmp_path, capsys):  # type: ign
         ("async.server_lr=0", "async.server_lr"),
         ("strategy.fraction_evaluate=0.5", "strategy.fraction_evaluate"),
     ]:
-        code, _, err = _simulate(capsys, *base, override)
+        code, _, err = simulate_cli(capsys, *base, override)
         assert code == 2 and err.startswith(f"fedeq: error: {key}:"), err
     assert not any(tmp_path.iterdir())
 
@@ -189,16 +179,16 @@ def test_bad_async_config_exits_2_naming_the_key(tmp_path, capsys):  # type: ign
 @pytest.mark.slow
 def test_a_killed_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path, capsys):  # type: ignore[no-untyped-def]
     base = [str(QUICK), *TINY, "rounds=4", f"output_dir={tmp_path}", "--quiet"]
-    assert _simulate(capsys, *base, "run_name=whole")[0] == 0
+    assert simulate_cli(capsys, *base, "run_name=whole")[0] == 0
     SIGNAL_AT.update(
         round=7, signum=signal.SIGTERM
     )  # the call with dispatch index 7  # a call of update 3 or later: at least one update is checkpointed
-    code, _, err = _simulate(capsys, *base, "run_name=killed")
+    code, _, err = simulate_cli(capsys, *base, "run_name=killed")
     killed = tmp_path / "killed"
     done = checkpoint_round(killed)
     assert code == 143 and done is not None and 1 <= done < 4, err
     assert f"interrupted after round {done}" in err.splitlines()[-1]
-    code, _, err = _simulate(capsys, "--resume", str(killed), "--quiet")
+    code, _, err = simulate_cli(capsys, "--resume", str(killed), "--quiet")
     assert code == 0, err
     (ra, ca), (rb, cb) = _frames(tmp_path / "whole"), _frames(killed)
     pd.testing.assert_frame_equal(ra, rb)

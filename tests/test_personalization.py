@@ -25,10 +25,9 @@ from fedeq.config import load_config
 from fedeq.data import ClientData, load_client_data
 from fedeq.models import build_model
 from fedeq.personal import LocalJob, PersonalState, get_method, personal_keys, personal_summary, select
-from fedeq.registry import ENGINES
 from fedeq.results.checkpoint import checkpoint_round, load_checkpoint
 from fedeq.train import evaluate
-from tests.inprocess_engine import NODE_ID_OFFSET, SIGNAL_AT, TRAFFIC, InProcessEngine, reset
+from tests.inprocess_engine import NODE_ID_OFFSET, SIGNAL_AT, TRAFFIC, registered, simulate_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "simulations" / "configs" / "quick.yaml"
@@ -41,17 +40,8 @@ PERSONAL = [
 
 @pytest.fixture(autouse=True)
 def personal_engine():  # type: ignore[no-untyped-def]
-    ENGINES.register("personal_local", InProcessEngine)
-    reset()
-    yield
-    ENGINES.unregister("personal_local")
-    reset()
-
-
-def _simulate(capsys, *args: str) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
-    code = main(["simulate", *args])
-    out, err = capsys.readouterr()
-    return code, out, err
+    with registered("personal_local"):
+        yield
 
 
 def _model(name: str = "mlp_deq", **over: Any) -> torch.nn.Module:
@@ -249,7 +239,7 @@ def test_the_client_test_split_is_held_out_of_training_and_validation() -> None:
 
 @pytest.mark.parametrize("method", ["fedeq", "fedrep", "fedper", "ditto", "local", "finetune"])
 def test_personal_state_never_leaves_the_client(method: str, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
-    code, out, err = _simulate(
+    code, out, err = simulate_cli(
         capsys, str(QUICK), *PERSONAL, "rounds=2", f"personalization.method={method}",
         f"output_dir={tmp_path}", "run_name=r", "--quiet",
     )  # fmt: skip
@@ -285,12 +275,12 @@ def test_state_survives_rounds_and_a_kill_and_resume_bit_identically(tmp_path, c
         f"output_dir={tmp_path}",
         "--quiet",
     ]
-    assert _simulate(capsys, *base, "run_name=whole")[0] == 0
+    assert simulate_cli(capsys, *base, "run_name=whole")[0] == 0
     SIGNAL_AT.update(round=3, signum=signal.SIGTERM)
-    code, _, err = _simulate(capsys, *base, "run_name=killed")
+    code, _, err = simulate_cli(capsys, *base, "run_name=killed")
     killed = tmp_path / "killed"
     assert code == 143 and checkpoint_round(killed) == 2, err
-    assert _simulate(capsys, "--resume", str(killed), "--quiet")[0] == 0
+    assert simulate_cli(capsys, "--resume", str(killed), "--quiet")[0] == 0
     for name in ("rounds.csv", "clients.csv"):
         drop = ["wall_s"] if name == "rounds.csv" else ["compute_s", "compute_cpu_s"]
         a = pd.read_csv(tmp_path / "whole" / name).drop(columns=drop)
@@ -310,7 +300,7 @@ def test_evaluate_rows_hold_each_clients_personalised_accuracy(tmp_path, capsys)
     """The last round's ``clients.csv`` evaluate rows, recomputed by hand from the run's files: the final
     shared part (``global_model.pt``) with each client's head from the checkpoint, on its test split."""
     args = [str(QUICK), *PERSONAL, "rounds=2", "personalization.method=fedrep", f"output_dir={tmp_path}"]
-    assert _simulate(capsys, *args, "run_name=r", "--quiet")[0] == 0
+    assert simulate_cli(capsys, *args, "run_name=r", "--quiet")[0] == 0
     run = tmp_path / "r"
     cfg = load_config(run / "config.yaml")
     clients = pd.read_csv(run / "clients.csv")
@@ -358,7 +348,7 @@ def test_bad_personalization_config_exits_2_naming_the_key(tmp_path, capsys):  #
     ]:
         extra = [] if "method" in override else ["personalization.method=fedeq"]
         extra += ["data.server_val_fraction=0.1"] if "server_val" in override else []
-        code, _, err = _simulate(capsys, *base, *extra, override)
+        code, _, err = simulate_cli(capsys, *base, *extra, override)
         assert code == 2 and err.startswith(f"fedeq: error: {key}:"), err
     assert not any(tmp_path.iterdir())
 
@@ -367,8 +357,8 @@ def test_bad_personalization_config_exits_2_naming_the_key(tmp_path, capsys):  #
 def test_the_ray_engine_keeps_client_state_like_the_devices(tmp_path, capsys):  # type: ignore[no-untyped-def]
     """engine=ray (states carried by the grid between actor calls) gives the in-process numbers."""
     common = [str(QUICK), *PERSONAL[1:], "rounds=3", "personalization.method=fedeq", f"output_dir={tmp_path}"]
-    assert _simulate(capsys, *common, "engine=personal_local", "run_name=local", "--quiet")[0] == 0
-    code, _, err = _simulate(capsys, *common, "engine=ray", "run_name=ray", "--quiet")
+    assert simulate_cli(capsys, *common, "engine=personal_local", "run_name=local", "--quiet")[0] == 0
+    code, _, err = simulate_cli(capsys, *common, "engine=ray", "run_name=ray", "--quiet")
     assert code == 0, err
     cols = ["round", "personal_acc", "personal_acc_worst10", "bytes_up"]
     a, b = (pd.read_csv(tmp_path / n / "rounds.csv")[cols] for n in ("local", "ray"))
@@ -387,8 +377,8 @@ def test_flowers_engine_keeps_client_state_in_the_nodes_context(tmp_path, capsys
         "personalization.method=local",
         f"output_dir={tmp_path}", "--quiet",
     ]  # fmt: skip
-    assert _simulate(capsys, *common, "engine=personal_local", "run_name=local")[0] == 0
-    code, _, err = _simulate(capsys, *common, "engine=flower", "run_name=flower")
+    assert simulate_cli(capsys, *common, "engine=personal_local", "run_name=local")[0] == 0
+    code, _, err = simulate_cli(capsys, *common, "engine=flower", "run_name=flower")
     assert code == 0, err
     cols = ["round", "personal_acc", "personal_acc_worst10"]
     a, b = (pd.read_csv(tmp_path / n / "rounds.csv")[cols] for n in ("local", "flower"))
@@ -483,7 +473,7 @@ def test_fedeqs_claims_at_small_scale(tmp_path, capsys):  # type: ignore[no-unty
     }
     rounds = {}
     for name, extra in runs.items():
-        assert _simulate(capsys, *base, *extra, f"run_name={name}")[0] == 0
+        assert simulate_cli(capsys, *base, *extra, f"run_name={name}")[0] == 0
         rounds[name] = pd.read_csv(tmp_path / name / "rounds.csv").iloc[-1]
     assert rounds["fedeq"]["personal_acc"] > rounds["finetune"]["global_acc_clients"] + 0.2
     per_update = {n: r["bytes_up"] / r["clients_ok"] for n, r in rounds.items()}

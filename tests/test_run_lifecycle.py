@@ -20,15 +20,13 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
-from fedeq.cli.main import main
 from fedeq.config import load_config
 from fedeq.engines.stoppable import RunStopped, StoppableGrid
-from fedeq.registry import ENGINES
 from fedeq.results.checkpoint import checkpoint_round
 from fedeq.results.recorder import claim_run_dir, run_dir
 from fedeq.results.run_report import read_report
 from tests.flwr_helpers import LocalGrid, make_instruction
-from tests.inprocess_engine import SIGNAL_AT, InProcessEngine, reset
+from tests.inprocess_engine import SIGNAL_AT, registered, simulate_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "simulations" / "configs" / "quick.yaml"
@@ -41,16 +39,8 @@ TINY = [
 
 @pytest.fixture(autouse=True)
 def local_engine():  # type: ignore[no-untyped-def]
-    ENGINES.register("lifecycle_local", InProcessEngine)
-    yield
-    ENGINES.unregister("lifecycle_local")
-    reset()
-
-
-def _simulate(capsys, *args: str) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
-    code = main(["simulate", *args])
-    out, err = capsys.readouterr()
-    return code, out, err
+    with registered("lifecycle_local"):
+        yield
 
 
 def _error_lines(err: str) -> list[str]:
@@ -63,7 +53,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def test_a_failed_run_exits_1_and_its_folder_is_never_overwritten(tmp_path, capsys):
     base = [str(QUICK), *TINY, "rounds=2", "faults.raise_p=1", f"output_dir={tmp_path}", "--quiet"]
-    code, out, err = _simulate(capsys, *base, "run_name=r")
+    code, out, err = simulate_cli(capsys, *base, "run_name=r")
     run = tmp_path / "r"
     assert code == 1
     assert _error_lines(err) == [
@@ -79,7 +69,7 @@ def test_a_failed_run_exits_1_and_its_folder_is_never_overwritten(tmp_path, caps
     # the same run_name, or the run's own config.yaml (which carries it): exit 2 before any work
     saved = run / "config.yaml"
     for args in (base + ["run_name=r"], [str(saved), "--quiet"]):
-        code, out, err = _simulate(capsys, *args)
+        code, out, err = simulate_cli(capsys, *args)
         assert code == 2 and out == ""
         assert err.splitlines() == _error_lines(err) and len(_error_lines(err)) == 1, err
         assert err.startswith(f"fedeq: error: run_name: {run} already holds a run")
@@ -87,21 +77,21 @@ def test_a_failed_run_exits_1_and_its_folder_is_never_overwritten(tmp_path, caps
         assert _files(run) == before
 
     # --overwrite replaces the folder's contents, only once the config is valid
-    code, _, err = _simulate(capsys, *base, "run_name=r", "--overwrite", "rounds=abc")
+    code, _, err = simulate_cli(capsys, *base, "run_name=r", "--overwrite", "rounds=abc")
     assert code == 2 and "rounds" in err and _files(run) == before
     (run / "notes.txt").write_text("an earlier file")
-    code, _, _ = _simulate(capsys, *base, "run_name=r", "seed=1", "--overwrite")
+    code, _, _ = simulate_cli(capsys, *base, "run_name=r", "seed=1", "--overwrite")
     assert code == 1 and not (run / "notes.txt").exists()
     assert load_config(saved).seed == 1 and (run / "summary.json").read_bytes() != before["summary.json"]
     # --overwrite never deletes a folder that is not a fedeq run (a mistyped output_dir / run_name)
     notes = tmp_path / "notes"
     (notes / "sub").mkdir(parents=True)
     (notes / "keep.txt").write_text("important")
-    code, _, err = _simulate(capsys, *base, "run_name=notes", "--overwrite")
+    code, _, err = simulate_cli(capsys, *base, "run_name=notes", "--overwrite")
     assert code == 2 and err.startswith(f"fedeq: error: --overwrite: {notes} is not a fedeq run folder"), err
     assert (notes / "keep.txt").read_text() == "important" and (notes / "sub").is_dir()
 
-    code, _, err = _simulate(capsys, "--resume", str(run), "--overwrite")
+    code, _, err = simulate_cli(capsys, "--resume", str(run), "--overwrite")
     assert code == 2 and err.startswith("fedeq: error: --overwrite: cannot be combined with --resume")
 
     # without a run_name every run gets a folder of its own, also when started in the same second
@@ -116,16 +106,16 @@ def test_sigterm_and_resume_extend_a_run_to_the_numbers_of_a_longer_one(tmp_path
     # SIGTERM in round 2: the run stops after round 1's checkpoint, says how to go on, and continues
     handler = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or what an earlier Ray run in this process left
     SIGNAL_AT.update(round=2, signum=signal.SIGTERM)
-    code, out, err = _simulate(capsys, *base, "rounds=2", "run_name=long")
+    code, out, err = simulate_cli(capsys, *base, "rounds=2", "run_name=long")
     assert code == 143 and out == ""
     assert err.splitlines()[-1] == f"interrupted after round 1; continue with fedeq simulate --resume {long}"
     assert checkpoint_round(long) == 1 and signal.getsignal(signal.SIGTERM) is handler
-    code, out, err = _simulate(capsys, "--resume", str(long), "--quiet")
+    code, out, err = simulate_cli(capsys, "--resume", str(long), "--quiet")
     assert code == 0 and re.search(r"rounds\s+2 of 2", out), err
 
     # a finished 1-round run extended to 2 rounds: the numbers of the run configured with 2 rounds
-    assert _simulate(capsys, *base, "rounds=1", "run_name=short")[0] == 0
-    code, out, err = _simulate(capsys, "--resume", str(short), "rounds=2", "--quiet")
+    assert simulate_cli(capsys, *base, "rounds=1", "run_name=short")[0] == 0
+    code, out, err = simulate_cli(capsys, "--resume", str(short), "rounds=2", "--quiet")
     assert code == 0, err
     assert load_config(short / "config.yaml").rounds == 2 and checkpoint_round(short) == 2
     a, b = torch.load(long / "global_model.pt"), torch.load(short / "global_model.pt")
@@ -154,10 +144,10 @@ def test_sigterm_and_resume_extend_a_run_to_the_numbers_of_a_longer_one(tmp_path
         (["devices.tiers.0.f_max_iter=3"], "devices.tiers[0].f_max_iter: cannot be changed"),
         ([str(QUICK)], "--resume: takes no config file"),
     ]:
-        code, out, err = _simulate(capsys, "--resume", str(short), *args)
+        code, out, err = simulate_cli(capsys, "--resume", str(short), *args)
         assert code == 2 and err.startswith(f"fedeq: error: {start}"), err
         assert len(err.splitlines()) == 1 and _files(short) == before
-    assert "allowed: an integer >= 2 (got 1)" in _simulate(capsys, "--resume", str(short), "rounds=1")[2]
+    assert "allowed: an integer >= 2 (got 1)" in simulate_cli(capsys, "--resume", str(short), "rounds=1")[2]
 
 
 def test_the_report_names_the_rounds_without_update_and_the_top_reason(tmp_path):
@@ -239,7 +229,7 @@ def test_ctrl_c_stops_ray_cleanly_and_the_run_resumes(tmp_path, capsys):
     assert "Traceback" not in output
     assert children and not _alive(children)
 
-    code, out, err = _simulate(capsys, "--resume", str(run), f"rounds={k + 1}", "--quiet")
+    code, out, err = simulate_cli(capsys, "--resume", str(run), f"rounds={k + 1}", "--quiet")
     assert code == 0, err[-3000:]
     assert (
         re.search(rf"rounds\s+{k + 1} of {k + 1}", out) and load_config(run / "config.yaml").rounds == k + 1
