@@ -17,7 +17,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from fedeq.arrays import record_to_state_dict
 from fedeq.data import client_dataset, load_client_data
-from fedeq.models import build_model
+from fedeq.models import initial_model
 from fedeq.personal import LocalJob, PersonalState, get_method, personal_keys
 from fedeq.personal.memory import training_memory
 from fedeq.train import EvalStats, TrainStats, evaluate, move_to
@@ -33,11 +33,9 @@ FINETUNE_SEED = 3
 @functools.lru_cache(maxsize=4)
 def initial_state(setup: RunSetup) -> dict[str, torch.Tensor]:
     """The run's initial model (built under ``torch.manual_seed(seed)``): every personal part starts here."""
-    cfg = setup.view
-    splits = client_dataset(cfg.data, cfg.seed)
+    splits = client_dataset(setup.cfg.data, setup.cfg.seed)
     with torch.random.fork_rng():
-        torch.manual_seed(int(cfg.seed))
-        model = build_model(cfg.model.name, tuple(splits.input_shape), splits.num_classes, setup.cfg.model)
+        model = initial_model(setup.cfg, splits.input_shape, splits.num_classes)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

@@ -25,7 +25,7 @@ from fedeq.models.base import (
     num_parameters,
     set_deq_settings,
 )
-from fedeq.models.build import build_model, model_kwargs, register_model
+from fedeq.models.build import build_model, initial_model, model_kwargs, register_model
 from fedeq.models.classifier import DEQClassifier
 from fedeq.models.conv_deq import ConvDEQ
 from fedeq.models.explicit import ExplicitMLP
@@ -51,6 +51,7 @@ __all__ = [
     "TiedConv",
     "TiedMLP",
     "build_model",
+    "initial_model",
     "config_value",
     "flattened_size",
     "model_kwargs",

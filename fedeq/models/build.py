@@ -14,13 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from fedeq.config.model_factory import kwargs_problem, resolve_model_factory
 from fedeq.models.base import ModelFactory, set_deq_settings
 from fedeq.registry import MODELS
 
-__all__ = ["build_model", "model_kwargs", "register_model"]
+__all__ = ["build_model", "initial_model", "model_kwargs", "register_model"]
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
@@ -65,3 +66,11 @@ def build_model(
         raise TypeError(f"model.name={name!r}: the factory returned {type(model).__name__}, not an nn.Module")
     set_deq_settings(model, **deq_settings)
     return model
+
+
+def initial_model(cfg: Any, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """The run's initial model: :func:`build_model` of ``cfg.model`` right after
+    ``torch.manual_seed(cfg.seed)``. The server's global model and every client's personal part start from
+    it; a client builds it inside ``torch.random.fork_rng()`` so its own random stream is left as it was."""
+    torch.manual_seed(int(cfg.seed))
+    return build_model(cfg.model.name, tuple(input_shape), num_classes, cfg.model)

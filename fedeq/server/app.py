@@ -25,7 +25,7 @@ from fedeq.data import client_dataset, partition_sizes, server_validation
 from fedeq.devices.assign import assign_tiers
 from fedeq.devices.clock import reply_sim_time
 from fedeq.devices.settings import tier_deq_settings
-from fedeq.models import build_model, num_parameters
+from fedeq.models import initial_model, num_parameters
 from fedeq.personal import get_method, personal_keys, select
 from fedeq.results.recorder import ASYNC_CLIENT_COLUMNS, RunRecorder, check_new_run, run_dir
 from fedeq.server.async_book import AsyncRoundBook
@@ -193,7 +193,7 @@ def run_server(
     device = resolve_device(cfg.train.device)
     if not quiet:
         console.print(f"building the model: {cfg.model.name}", style="dim", soft_wrap=True, highlight=False)
-    model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.model)
+    model = initial_model(cfg, splits.input_shape, splits.num_classes)
     arrays = shared_arrays(cfg, model)
     model_bytes = arrays.count_bytes()
     personalized = cfg.personalization.method != "none"
